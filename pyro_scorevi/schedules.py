@@ -12,8 +12,9 @@ With :math:`\\lambda` fixed the iterates fluctuate around the optimum with a spr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 __all__ = ["ConstantWeight", "PolynomialGrowth", "ProxWeight", "as_schedule"]
 

@@ -1,0 +1,169 @@
+"""Adapters from Pyro autoguides to the two kinds of proximal step.
+
+* :class:`DiagonalFamily` -- ``AutoNormal`` (one block per site) and ``AutoDiagonalNormal``
+  (one flat block): :math:`q = \\mathcal N(m, \\operatorname{diag} s^2)`, updated by the closed
+  form of :mod:`pyro_scorevi.proximal`. The blocks are the guide's own parameters in Pyro's
+  param store, read and written in place, so ``Predictive``, ``guide.median()`` and
+  ``pyro.get_param_store().save/load`` see the fit unchanged.
+* :class:`GaussianFamily` -- ``AutoMultivariateNormal`` and ``AutoLowRankMultivariateNormal``:
+  no closed form here; the proximal objective is minimised by inner optimiser steps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.transforms import biject_to
+from pyro.infer.autoguide import (
+    AutoContinuous,
+    AutoDiagonalNormal,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
+from torch.distributions import transform_to
+
+__all__ = ["DiagonalFamily", "GaussianFamily", "make_family", "SUPPORTED_GUIDES"]
+
+SUPPORTED_GUIDES = (
+    AutoNormal,
+    AutoDiagonalNormal,
+    AutoMultivariateNormal,
+    AutoLowRankMultivariateNormal,
+)
+
+_HALF_LOG_2PI_E = 0.5 * (1.0 + math.log(2 * math.pi))
+
+
+def make_family(guide, args: tuple, kwargs: dict):
+    """Sets the guide up on the model's arguments and returns its family adapter."""
+    if not isinstance(guide, SUPPORTED_GUIDES):
+        names = ", ".join(cls.__name__ for cls in SUPPORTED_GUIDES)
+        raise TypeError(
+            f"guide must be one of {names} (got {type(guide).__name__}). Closed-form steps "
+            "need a diagonal Gaussian; build e.g. pyro.infer.autoguide.AutoNormal(model)."
+        )
+    if guide.prototype_trace is None:
+        with poutine.block():
+            guide(*args, **kwargs)  # creates the prototype trace and the params in the store
+    _check_sites(guide)
+    if isinstance(guide, (AutoNormal, AutoDiagonalNormal)):
+        return DiagonalFamily(guide)
+    return GaussianFamily(guide)
+
+
+def site_transforms(guide) -> dict[str, torch.distributions.Transform]:
+    """The bijection from unconstrained space to each latent site's support."""
+    return {
+        name: biject_to(site["fn"].support)
+        for name, site in guide.prototype_trace.iter_stochastic_nodes()
+    }
+
+
+def _check_sites(guide) -> None:
+    for name, site in guide.prototype_trace.iter_stochastic_nodes():
+        for frame in site["cond_indep_stack"]:
+            if frame.vectorized and (frame.full_size or frame.size) != frame.size:
+                raise NotImplementedError(
+                    f"latent site {name!r} is local to the subsampled plate {frame.name!r} "
+                    f"(size {frame.full_size}, subsample {frame.size}); ScoreProximalSVI "
+                    "supports global latents only. Move the site out of the subsampled plate, "
+                    "marginalise it, or use pyro.infer.SVI for this model."
+                )
+
+
+def _param_leaf(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(constrained value, unconstrained leaf) of a param-store entry."""
+    value = pyro.get_param_store()[name]
+    return value, value.unconstrained()
+
+
+class DiagonalFamily:
+    """Blocks of a diagonal Gaussian guide, each a ``(loc, scale)`` pair of param-store entries.
+
+    Attributes:
+        guide: the autoguide.
+        transforms: site name to bijection onto its support.
+    """
+
+    def __init__(self, guide):
+        self.guide = guide
+        self.transforms = site_transforms(guide)
+        prefix = guide._pyro_name
+        if isinstance(guide, AutoNormal):
+            self._names = [(f"{prefix}.locs.{n}", f"{prefix}.scales.{n}") for n in self.transforms]
+            self._flat = False
+        else:
+            self._names = [(f"{prefix}.loc", f"{prefix}.scale")]
+            self._flat = True
+        store = pyro.get_param_store()
+        for loc_name, scale_name in self._names:
+            if loc_name not in store or scale_name not in store:
+                raise RuntimeError(
+                    f"{type(guide).__name__} parameters {loc_name!r}/{scale_name!r} are missing "
+                    "from the param store; call pyro.clear_param_store() only before building "
+                    "the guide."
+                )
+        self._scale_to_unconstrained = transform_to(guide.scale_constraint).inv
+
+    def read(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The current ``locs`` and ``scales`` of every block, detached."""
+        locs, scales = [], []
+        for loc_name, scale_name in self._names:
+            locs.append(_param_leaf(loc_name)[0].detach())
+            scales.append(_param_leaf(scale_name)[0].detach())
+        return locs, scales
+
+    def to_sites(self, blocks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Unconstrained site values from block values."""
+        if self._flat:
+            return {site["name"]: v for site, v in self.guide._unpack_latent(blocks[0])}
+        return dict(zip(self.transforms, blocks))
+
+    @torch.no_grad()
+    def write(self, locs: list[torch.Tensor], scales: list[torch.Tensor]) -> None:
+        """Stores new ``(loc, scale)`` blocks in place in the param store."""
+        for (loc_name, scale_name), loc, scale in zip(self._names, locs, scales):
+            _param_leaf(loc_name)[1].copy_(loc)
+            _param_leaf(scale_name)[1].copy_(self._scale_to_unconstrained(scale))
+
+    @staticmethod
+    def entropy(scales: list[torch.Tensor]) -> torch.Tensor:
+        """:math:`H(q) = \\sum_j \\log s_j + \\tfrac d2 (1 + \\log 2\\pi)`."""
+        return sum(s.log().sum() + _HALF_LOG_2PI_E * s.numel() for s in scales)
+
+
+class GaussianFamily:
+    """A full-rank or low-rank Gaussian autoguide over the flat unconstrained latent.
+
+    ``posterior()`` rebuilds :math:`q_\\phi` from the param store with gradients to the
+    unconstrained parameter leaves (returned by ``params()``), as the guide's own forward does.
+    """
+
+    def __init__(self, guide: AutoContinuous):
+        self.guide = guide
+        self.transforms = site_transforms(guide)
+
+    def posterior_and_params(self) -> tuple[torch.distributions.Distribution, list[torch.Tensor]]:
+        with poutine.trace(param_only=True) as tape:
+            with self.guide._pyro_context:  # as PyroModule.__call__: read params from the store
+                posterior = self.guide.get_posterior()
+        params = [site["value"].unconstrained() for site in tape.trace.nodes.values()]
+        return posterior, params
+
+    def to_sites(self, blocks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {site["name"]: v for site, v in self.guide._unpack_latent(blocks[0])}
+
+
+def frozen_copy(posterior: torch.distributions.Distribution) -> torch.distributions.Distribution:
+    """A detached copy of a (low-rank) multivariate normal :math:`q_t`."""
+    if isinstance(posterior, torch.distributions.LowRankMultivariateNormal):
+        return torch.distributions.LowRankMultivariateNormal(
+            posterior.loc.detach(), posterior.cov_factor.detach(), posterior.cov_diag.detach()
+        )
+    return torch.distributions.MultivariateNormal(
+        posterior.loc.detach(), scale_tril=posterior.scale_tril.detach()
+    )
