@@ -26,7 +26,7 @@ from pyro.infer.autoguide import (
 )
 from torch.distributions import transform_to
 
-__all__ = ["DiagonalFamily", "GaussianFamily", "make_family", "SUPPORTED_GUIDES"]
+__all__ = ["DiagonalFamily", "GaussianFamily", "check_guide", "make_family", "SUPPORTED_GUIDES"]
 
 SUPPORTED_GUIDES = (
     AutoNormal,
@@ -38,14 +38,19 @@ SUPPORTED_GUIDES = (
 _HALF_LOG_2PI_E = 0.5 * (1.0 + math.log(2 * math.pi))
 
 
-def make_family(guide, args: tuple, kwargs: dict):
-    """Sets the guide up on the model's arguments and returns its family adapter."""
+def check_guide(guide) -> None:
+    """Raises ``TypeError`` listing the supported autoguides unless ``guide`` is one of them."""
     if not isinstance(guide, SUPPORTED_GUIDES):
         names = ", ".join(cls.__name__ for cls in SUPPORTED_GUIDES)
         raise TypeError(
             f"guide must be one of {names} (got {type(guide).__name__}). Closed-form steps "
             "need a diagonal Gaussian; build e.g. pyro.infer.autoguide.AutoNormal(model)."
         )
+
+
+def make_family(guide, args: tuple, kwargs: dict):
+    """Sets the guide up on the model's arguments and returns its family adapter."""
+    check_guide(guide)
     if guide.prototype_trace is None:
         with poutine.block():
             guide(*args, **kwargs)  # creates the prototype trace and the params in the store
@@ -75,14 +80,12 @@ def _check_sites(guide) -> None:
                 )
 
 
-def _param_leaf(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(constrained value, unconstrained leaf) of a param-store entry."""
-    value = pyro.get_param_store()[name]
-    return value, value.unconstrained()
-
-
 class DiagonalFamily:
-    """Blocks of a diagonal Gaussian guide, each a ``(loc, scale)`` pair of param-store entries.
+    """A diagonal Gaussian guide seen as one flat block :math:`(m, s) \\in \\mathbb R^{2d}`.
+
+    For ``AutoNormal`` the flat block concatenates the per-site ``locs``/``scales`` entries of
+    the param store, so the proximal update runs as a few elementwise operations over all
+    coordinates at once; ``AutoDiagonalNormal`` is flat already.
 
     Attributes:
         guide: the autoguide.
@@ -107,33 +110,51 @@ class DiagonalFamily:
                     "from the param store; call pyro.clear_param_store() only before building "
                     "the guide."
                 )
-        self._scale_to_unconstrained = transform_to(guide.scale_constraint).inv
+        self._scale_transform = transform_to(guide.scale_constraint)
+        loc, _ = self._leaves()
+        self._shapes = [leaf.shape for leaf in loc]
+        self._sizes = [leaf.numel() for leaf in loc]
 
-    def read(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The current ``locs`` and ``scales`` of every block, detached."""
-        locs, scales = [], []
-        for loc_name, scale_name in self._names:
-            locs.append(_param_leaf(loc_name)[0].detach())
-            scales.append(_param_leaf(scale_name)[0].detach())
+    def _leaves(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The unconstrained param-store leaves, looked up each time (the store may be reloaded)."""
+        store = pyro.get_param_store()
+        locs = [store[loc].unconstrained() for loc, _ in self._names]
+        scales = [store[scale].unconstrained() for _, scale in self._names]
         return locs, scales
 
-    def to_sites(self, blocks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Unconstrained site values from block values."""
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current flat ``(loc, scale)``, detached."""
+        locs, scales = self._leaves()
+        loc = torch.cat([leaf.detach().reshape(-1) for leaf in locs])
+        raw_scale = torch.cat([leaf.detach().reshape(-1) for leaf in scales])
+        return loc, self._scale_transform(raw_scale)
+
+    def to_sites(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unconstrained site values (views) of a flat vector."""
         if self._flat:
-            return {site["name"]: v for site, v in self.guide._unpack_latent(blocks[0])}
-        return dict(zip(self.transforms, blocks))
+            return {site["name"]: v for site, v in self.guide._unpack_latent(theta)}
+        pieces = theta.split(self._sizes)
+        return {
+            name: piece.view(shape)
+            for name, piece, shape in zip(self.transforms, pieces, self._shapes)
+        }
 
     @torch.no_grad()
-    def write(self, locs: list[torch.Tensor], scales: list[torch.Tensor]) -> None:
-        """Stores new ``(loc, scale)`` blocks in place in the param store."""
-        for (loc_name, scale_name), loc, scale in zip(self._names, locs, scales):
-            _param_leaf(loc_name)[1].copy_(loc)
-            _param_leaf(scale_name)[1].copy_(self._scale_to_unconstrained(scale))
+    def write(self, loc: torch.Tensor, scale: torch.Tensor) -> None:
+        """Stores a new flat ``(loc, scale)`` in place in the param store."""
+        locs, scales = self._leaves()
+        raw_scale = self._scale_transform.inv(scale)
+        torch._foreach_copy_(
+            locs, [p.view(s) for p, s in zip(loc.split(self._sizes), self._shapes)]
+        )
+        torch._foreach_copy_(
+            scales, [p.view(s) for p, s in zip(raw_scale.split(self._sizes), self._shapes)]
+        )
 
     @staticmethod
-    def entropy(scales: list[torch.Tensor]) -> torch.Tensor:
+    def entropy(scale: torch.Tensor) -> torch.Tensor:
         """:math:`H(q) = \\sum_j \\log s_j + \\tfrac d2 (1 + \\log 2\\pi)`."""
-        return sum(s.log().sum() + _HALF_LOG_2PI_E * s.numel() for s in scales)
+        return scale.log().sum() + _HALF_LOG_2PI_E * scale.numel()
 
 
 class GaussianFamily:
@@ -154,8 +175,9 @@ class GaussianFamily:
         params = [site["value"].unconstrained() for site in tape.trace.nodes.values()]
         return posterior, params
 
-    def to_sites(self, blocks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {site["name"]: v for site, v in self.guide._unpack_latent(blocks[0])}
+    def to_sites(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unconstrained site values (views) of a flat vector."""
+        return {site["name"]: v for site, v in self.guide._unpack_latent(theta)}
 
 
 def frozen_copy(posterior: torch.distributions.Distribution) -> torch.distributions.Distribution:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from pyro import poutine
+from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Transform
 
@@ -81,27 +82,33 @@ class LogJoint:
                     f"(guide sites: {sorted(self.transforms)}). Rebuild the autoguide after "
                     "changing the model, or observe/block the site with poutine.block."
                 )
-        return trace.log_prob_sum() + log_det, used_subsample, model_params
+        # As Trace.log_prob_sum, without its per-site NaN/Inf warnings: the step checks the
+        # finiteness of what it uses once, and rejects the step if needed.
+        log_joint = log_det
+        for site in trace.nodes.values():
+            if site["type"] == "sample" and not site_is_subsample(site):
+                log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+                log_joint = log_joint + scale_and_mask(log_p, site["scale"], site["mask"]).sum()
+        return log_joint, used_subsample, model_params
 
     def scores(
         self,
         unconstrained: Mapping[str, torch.Tensor],
-        inputs: list[torch.Tensor],
+        inputs: torch.Tensor,
         args: tuple,
         kwargs: dict,
         subsample: Mapping[str, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor], list, list]:
         """One forward and backward pass: :math:`\\log\\hat p` and its gradients.
 
-        ``inputs`` are the leaf tensors (with ``requires_grad``) from which ``unconstrained``
-        was built: the site values themselves for AutoNormal, one flat vector for
-        AutoContinuous guides.
+        ``inputs`` is the flat leaf tensor (with ``requires_grad``) of which the
+        ``unconstrained`` site values are views.
 
         Returns:
-            ``(log_joint, input_grads, subsample, model_params, model_param_grads)``.
+            ``(log_joint, score, subsample, model_params, model_param_grads)``.
         """
         value, used, params = self(unconstrained, args, kwargs, subsample)
         params = [p for p in params if p.requires_grad]
-        grads = torch.autograd.grad(value, list(inputs) + params, allow_unused=True)
-        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs + params, grads)]
-        return value.detach(), grads[: len(inputs)], used, params, grads[len(inputs) :]
+        grads = torch.autograd.grad(value, [inputs, *params], allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for x, g in zip([inputs, *params], grads)]
+        return value.detach(), grads[0], used, params, grads[1:]

@@ -30,7 +30,13 @@ from pyro.infer.util import zero_grads
 from pyro.optim import PyroOptim
 
 from pyro_scorevi import defaults
-from pyro_scorevi.guides import DiagonalFamily, GaussianFamily, frozen_copy, make_family
+from pyro_scorevi.guides import (
+    DiagonalFamily,
+    GaussianFamily,
+    check_guide,
+    frozen_copy,
+    make_family,
+)
 from pyro_scorevi.proximal import ScoreStatistics, diagonal_proximal_update
 from pyro_scorevi.schedules import ProxWeight, as_schedule
 from pyro_scorevi.scores import LogJoint
@@ -100,14 +106,23 @@ class ScoreProximalSVI:
     ):
         if not callable(model):
             raise TypeError(f"model must be a callable Pyro model (got {type(model).__name__}).")
-        if not callable(guide):
-            raise TypeError(f"guide must be a Pyro autoguide (got {type(guide).__name__}).")
+        check_guide(guide)  # fail at construction, not at the first step
         for name, value in (("optim", optim), ("inner_optim", inner_optim)):
             if value is not None and not isinstance(value, PyroOptim):
                 raise TypeError(
                     f"{name} must be a pyro.optim optimiser such as pyro.optim.Adam({{'lr': "
                     f"1e-2}}) or None (got {type(value).__name__})."
                 )
+        if (
+            isinstance(prox_weight, (int, float))
+            and not isinstance(prox_weight, bool)
+            and not prox_weight > 0
+        ):
+            raise ValueError(
+                f"prox_weight must satisfy prox_weight > 0 (got prox_weight = {prox_weight!r}); "
+                "e.g. prox_weight=100.0 or a schedule such as "
+                "pyro_scorevi.PolynomialGrowth(100.0, 1000)."
+            )
         _check_int("num_particles", num_particles, 1)
         _check_int("num_alternations", num_alternations, 1)
         _check_int("num_inner_steps", num_inner_steps, 2)
@@ -156,17 +171,17 @@ class ScoreProximalSVI:
         """The negative ELBO estimate of the current guide from ``num_particles`` draws."""
         family = self._setup(args, kwargs)
         if isinstance(family, DiagonalFamily):
-            locs, scales = family.read()
-            entropy = family.entropy(scales)
-            draw = _diagonal_sampler(locs, scales, self.antithetic)
+            loc, scale = family.read()
+            entropy = family.entropy(scale)
+            draw = _diagonal_sampler(loc, scale, self.antithetic)
         else:
             posterior = frozen_copy(family.posterior_and_params()[0])
             entropy = posterior.entropy()
             draw = _reflecting_sampler(posterior, self.antithetic)
         total, subsample = 0.0, None
         for k in range(self.num_particles):
-            _, thetas = draw(k)
-            value, subsample, _ = self._log_joint(family.to_sites(thetas), args, kwargs, subsample)
+            _, theta = draw(k)
+            value, subsample, _ = self._log_joint(family.to_sites(theta), args, kwargs, subsample)
             total += value
         return -(total / self.num_particles + entropy).item()
 
@@ -182,39 +197,29 @@ class ScoreProximalSVI:
     # ------------------------------------------------------------------ the two steps
 
     def _diagonal_step(self, family: DiagonalFamily, weight: float, args, kwargs):
-        locs, scales = family.read()
-        sums = [[torch.zeros_like(loc) for _ in range(4)] for loc in locs]
-        draw = _diagonal_sampler(locs, scales, self.antithetic)
+        loc, scale = family.read()
+        # Running sums of delta, delta^2, delta * g and g: O(d) memory whatever S is.
+        sums = torch.zeros((4,) + loc.shape, dtype=loc.dtype, device=loc.device)
+        draw = _diagonal_sampler(loc, scale, self.antithetic)
         total, subsample, param_grads = 0.0, None, None
         for k in range(self.num_particles):
-            offsets, thetas = draw(k)
-            thetas = [t.requires_grad_() for t in thetas]
-            value, grads, subsample, params, pgrads = self._log_joint.scores(
-                family.to_sites(thetas), thetas, args, kwargs, subsample
+            offset, theta = draw(k)
+            theta.requires_grad_()
+            value, score, subsample, params, pgrads = self._log_joint.scores(
+                family.to_sites(theta), theta, args, kwargs, subsample
             )
             total += value
-            for acc, offset, score in zip(sums, offsets, grads):
-                acc[0].add_(offset)
-                acc[1].addcmul_(offset, offset)
-                acc[2].addcmul_(offset, score)
-                acc[3].add_(score)
+            sums += torch.stack([offset, offset * offset, offset * score, score])
             param_grads = _accumulate(param_grads, pgrads)
-        s = self.num_particles
-        new_locs, new_scales = [], []
-        for loc, scale, acc in zip(locs, scales, sums):
-            stats = ScoreStatistics(*(a / s for a in acc))
-            new_loc, new_scale = diagonal_proximal_update(
-                loc, scale, stats, weight, self.num_alternations
-            )
-            new_locs.append(new_loc)
-            new_scales.append(new_scale)
-        loss = -(total / s + family.entropy(scales))
-        ok = _all_finite([loss, *new_locs, *new_scales]) and bool(
-            all((x > 0).all() for x in new_scales)
+        stats = ScoreStatistics(*(sums / self.num_particles).unbind())
+        new_loc, new_scale = diagonal_proximal_update(
+            loc, scale, stats, weight, self.num_alternations
         )
+        loss = -(total / self.num_particles + family.entropy(scale))
+        ok = _all_finite([loss, new_loc, new_scale]) and bool((new_scale > 0).all())
         if ok:
-            family.write(new_locs, new_scales)
-            self._step_model_params(params, param_grads, s)
+            family.write(new_loc, new_scale)
+            self._step_model_params(params, param_grads, self.num_particles)
         return loss.item(), ok
 
     def _gaussian_step(self, family: GaussianFamily, weight: float, args, kwargs):
@@ -224,10 +229,10 @@ class ScoreProximalSVI:
         thetas, scores = [], []
         total, subsample, param_grads = 0.0, None, None
         for k in range(self.num_particles):
-            _, (theta,) = draw(k)
+            _, theta = draw(k)
             theta.requires_grad_()
-            value, (score,), subsample, params, pgrads = self._log_joint.scores(
-                family.to_sites([theta]), [theta], args, kwargs, subsample
+            value, score, subsample, params, pgrads = self._log_joint.scores(
+                family.to_sites(theta), theta, args, kwargs, subsample
             )
             total += value
             thetas.append(theta.detach())
@@ -313,36 +318,30 @@ def _proximal_objective(posterior, frozen, thetas, scores, covariance, weight):
     return fisher + weight * torch.distributions.kl_divergence(frozen, posterior)
 
 
-def _diagonal_sampler(locs, scales, antithetic: bool):
-    """``draw(k) -> (offsets, thetas)`` with :math:`\\theta = m + s\\varepsilon`; odd ``k`` of
+def _diagonal_sampler(loc: torch.Tensor, scale: torch.Tensor, antithetic: bool):
+    """``draw(k) -> (offset, theta)`` with :math:`\\theta = m + s\\varepsilon`; the odd ``k`` of
     an antithetic pair reuses :math:`-\\varepsilon`."""
-    last: list[torch.Tensor] = []
+    last = None
 
     def draw(k: int):
         nonlocal last
-        if antithetic and k % 2 == 1:
-            offsets = [-o for o in last]
-        else:
-            offsets = [scale * torch.randn_like(scale) for scale in scales]
-        last = offsets
-        return offsets, [loc + o for loc, o in zip(locs, offsets)]
+        offset = -last if antithetic and k % 2 == 1 else scale * torch.randn_like(scale)
+        last = offset
+        return offset, loc + offset
 
     return draw
 
 
 def _reflecting_sampler(posterior, antithetic: bool):
-    """Draws from a symmetric ``posterior``; odd ``k`` reflects the previous draw about the
-    mean (:math:`2m - \\theta`), which is again a draw from it."""
+    """Draws from a symmetric ``posterior``; the odd ``k`` of a pair reflects the previous draw
+    about the mean (:math:`2m - \\theta`), which is again a draw from it."""
     last = None
 
     def draw(k: int):
         nonlocal last
-        if antithetic and k % 2 == 1:
-            theta = 2 * posterior.loc - last
-        else:
-            theta = posterior.sample()
+        theta = 2 * posterior.loc - last if antithetic and k % 2 == 1 else posterior.sample()
         last = theta
-        return None, [theta.detach().clone()]
+        return None, theta.detach().clone()
 
     return draw
 

@@ -1,0 +1,311 @@
+"""Command line: ``pyro-scorevi`` (or ``python -m pyro_scorevi``).
+
+Fits the same model with ``ScoreProximalSVI`` and with ``SVI`` + ``Trace_ELBO`` (same
+``AutoNormal`` guide, data, particles and budget) and prints one table per problem; writes
+``results.json`` and PNG plots to the output folder. With no argument it runs the default
+comparison (the digits MLP, 3 seeds).
+
+Usage::
+
+    pyro-scorevi                                   # = pyro-scorevi compare
+    pyro-scorevi compare --problem all --seeds 3 --out results/
+    pyro-scorevi compare -p logreg gaussian --grad-evals 2000 --seconds 5 --numpyro
+    pyro-scorevi list
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import pathlib
+import shlex
+import sys
+import tempfile
+import time
+
+__all__ = ["main", "build_parser"]
+
+_SUBCOMMANDS = ("compare", "list")
+
+
+class UserError(Exception):
+    """Bad input: reported as one message and exit code 2, never a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pyro_scorevi import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="pyro-scorevi",
+        description=(
+            "Score-based proximal VI against ELBO SVI, side by side. With no subcommand, runs "
+            "'compare' (the default problem, digits-mlp, 3 seeds)."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{compare,list}")
+    sub.add_parser("list", help="list the problems")
+    c = sub.add_parser(
+        "compare",
+        help="run the comparison (the default subcommand)",
+        description="Fit each problem with ScoreProximalSVI and SVI + Trace_ELBO under equal "
+        "budgets of gradient evaluations and of wall time; print the table, write "
+        "results.json and PNG plots.",
+    )
+    c.add_argument(
+        "-p",
+        "--problem",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="problem name(s), or 'all' (default: digits-mlp); see 'pyro-scorevi list'",
+    )
+    c.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..n-1 (default 3)")
+    c.add_argument(
+        "--grad-evals",
+        type=int,
+        default=None,
+        help="gradient evaluations per fit (default: the problem's, see 'list')",
+    )
+    c.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="wall time per fit for the equal-time budget (default: the time the ELBO "
+        "baseline took for the gradient budget, per seed)",
+    )
+    c.add_argument(
+        "--num-particles",
+        type=int,
+        default=2,
+        help="particles per step for both methods (S gradient evaluations; default 2)",
+    )
+    c.add_argument("--prox-weight", type=float, default=None, help="lambda (default 100)")
+    c.add_argument("--lr", type=float, default=None, help="Adam lr of the ELBO baseline (1e-2)")
+    c.add_argument(
+        "--eval-samples", type=int, default=100, help="posterior draws per figure (default 100)"
+    )
+    c.add_argument(
+        "--numpyro",
+        action="store_true",
+        help="also run NumPyro's SVI + Trace_ELBO and pyro_scorevi.numpyro.ScoreProximalSVI",
+    )
+    c.add_argument(
+        "-o",
+        "--out",
+        type=pathlib.Path,
+        default=pathlib.Path("scorevi-compare"),
+        help="output folder for results.json and the PNGs (default ./scorevi-compare)",
+    )
+    c.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch and XLA (default 1: fastest and steadiest for these "
+        "small models, and fair to both methods)",
+    )
+    c.add_argument("-v", "--verbose", action="store_true", help="log each fit to stderr")
+    return parser
+
+
+def _normalise_argv(argv: list[str]) -> list[str]:
+    if not argv or argv[0] not in (*_SUBCOMMANDS, "-h", "--help", "--version"):
+        return ["compare", *argv]
+    return argv
+
+
+def _list_problems() -> int:
+    from pyro_scorevi.compare.problems import DEFAULT_PROBLEM, PROBLEMS
+
+    width = max(len(n) for n in PROBLEMS)
+    for name, p in PROBLEMS.items():
+        mark = " (default)" if name == DEFAULT_PROBLEM else ""
+        print(
+            f"{name.ljust(width)}  {p.description}{mark}\n{' ' * width}  "
+            f"headline {p.headline}; {p.grad_evals} gradient evaluations; "
+            f"batch {p.batch_size or 'full'}"
+        )
+    return 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from pyro_scorevi.compare.problems import DEFAULT_PROBLEM, PROBLEMS
+
+    names = args.problem or [DEFAULT_PROBLEM]
+    if "all" in names:
+        names = list(PROBLEMS)
+    unknown = [n for n in names if n not in PROBLEMS]
+    if unknown:
+        raise UserError(
+            f"unknown problem {', '.join(map(repr, unknown))}; choose from "
+            f"{', '.join(PROBLEMS)} or 'all' (see 'pyro-scorevi list')."
+        )
+    args.problem = list(dict.fromkeys(names))
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be >= 1 (got {args.seeds}).")
+    if args.num_particles < 1:
+        raise UserError(f"--num-particles must be >= 1 (got {args.num_particles}).")
+    if args.grad_evals is not None and args.grad_evals < args.num_particles:
+        raise UserError(
+            f"impossible budget: --grad-evals {args.grad_evals} is less than one step "
+            f"(--num-particles {args.num_particles} gradient evaluations); give "
+            f"--grad-evals >= {args.num_particles}."
+        )
+    if args.seconds is not None and not (math.isfinite(args.seconds) and args.seconds > 0):
+        raise UserError(f"impossible budget: --seconds must be > 0 (got {args.seconds}).")
+    for flag, value in (("--prox-weight", args.prox_weight), ("--lr", args.lr)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"{flag} must be a positive number (got {value}).")
+    if args.eval_samples < 2:
+        raise UserError(f"--eval-samples must be >= 2 (got {args.eval_samples}).")
+    if args.threads < 1:
+        raise UserError(f"--threads must be >= 1 (got {args.threads}).")
+    _check_dependencies(args)
+    if args.numpyro:
+        from pyro_scorevi.compare.runner import numpyro_available
+
+        ok, why = numpyro_available()
+        if not ok:
+            raise UserError(
+                f"--numpyro needs JAX, NumPyro and pyro_scorevi.numpyro, which could not be "
+                f'imported ({why}). Install them with: pip install "pyro_scorevi[numpyro]"'
+            )
+    _check_out_dir(args.out)
+
+
+def _check_dependencies(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    from pyro_scorevi.compare.problems import PROBLEMS
+
+    needed = ["torch", "pyro", "tqdm"]
+    sources = {PROBLEMS[n].kind for n in args.problem}
+    if sources & {"classifier", "posterior"}:
+        needed.append("sklearn")
+    if "forecaster" in sources:
+        needed.append("statsmodels")
+    if not args.no_plots:
+        needed.append("matplotlib")
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(
+            f"the comparison needs {', '.join(missing)}, which could not be found; install "
+            'them with: pip install "pyro_scorevi[compare]"'
+        )
+
+
+def _check_out_dir(out: pathlib.Path) -> None:
+    """Creates ``out`` and proves it writable before any fitting starts."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UserError(
+            f"output folder {str(out)!r} is not writable ({reason}); choose another with --out."
+        ) from None
+
+
+def _set_threads(n: int) -> None:
+    # XLA reads its flags when jax first initialises, so this must precede any jax import.
+    if n == 1:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_cpu_multi_thread_eigen" not in flags:
+            os.environ["XLA_FLAGS"] = (
+                flags + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+            ).strip()
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _compare(args: argparse.Namespace, argv: list[str]) -> int:
+    _check_args(args)
+    _set_threads(args.threads)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from pyro_scorevi import __version__
+    from pyro_scorevi.compare import report
+    from pyro_scorevi.compare.problems import get_problem
+    from pyro_scorevi.compare.runner import Budget, Settings, run_comparison
+
+    settings = Settings(
+        num_particles=args.num_particles,
+        prox_weight=args.prox_weight,
+        elbo_lr=args.lr,
+        eval_samples=args.eval_samples,
+    )
+    backends = ("pyro", "numpyro") if args.numpyro else ("pyro",)
+    started = time.perf_counter()
+    payload = {
+        "command": shlex.join(["pyro-scorevi", *argv]),
+        "version": __version__,
+        "threads": args.threads,
+        "problems": {},
+    }
+    json_path = args.out / "results.json"
+    written = []
+    for name in args.problem:
+        problem = get_problem(name)
+        budget = Budget(args.grad_evals or problem.grad_evals, args.seconds)
+        if budget.grad_evals < args.num_particles:
+            raise UserError(
+                f"impossible budget for {name}: {budget.grad_evals} gradient evaluations is "
+                f"less than one step of {args.num_particles}; lower --num-particles."
+            )
+        result = run_comparison(
+            problem,
+            seeds=list(range(args.seeds)),
+            budget=budget,
+            settings=settings,
+            backends=backends,
+            progress=not args.no_progress,
+        )
+        payload["problems"][name] = result
+        print(report.format_table(result))
+        for line in report.format_verdict(result):
+            print("  " + line)
+        print()
+        # Written after each problem, so a long suite keeps what it has finished.
+        payload["wall_s_total"] = time.perf_counter() - started
+        report.write_json(payload, json_path)
+        if not args.no_plots:
+            written += report.write_plots(result, args.out)
+    sys.stdout.flush()
+    print(f"wrote {json_path}", file=sys.stderr)
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+    print(f"total {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(_normalise_argv(argv))
+    except SystemExit as exc:  # argparse already printed usage and the message
+        return int(exc.code or 0)
+    try:
+        if args.command == "list":
+            return _list_problems()
+        return _compare(args, argv)
+    except UserError as exc:
+        print(f"pyro-scorevi: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pyro-scorevi: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
