@@ -122,7 +122,7 @@ def main(argv=None) -> None:
     if not args.no_pyro:
         t_pyro = pyro_step_time(args)
         print(f"step time  Pyro ScoreProximalSVI {1e3 * t_pyro:.3f} ms")
-        print(f"ratio NumPyro / Pyro ScoreProximalSVI = {t_score / t_pyro:.2f}")
+        print(f"ratio NumPyro / Pyro ScoreProximalSVI = {t_score / t_pyro:.4f}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pyro
@@ -30,6 +31,7 @@ from pyro.infer.util import zero_grads
 from pyro.optim import PyroOptim
 
 from pyro_scorevi import defaults
+from pyro_scorevi.fast_path import TracedParticleSums
 from pyro_scorevi.guides import (
     DiagonalFamily,
     GaussianFamily,
@@ -69,6 +71,15 @@ class ScoreProximalSVI:
         inner_optim: :class:`pyro.optim.PyroOptim` for the inner steps of full- and low-rank
             guides (default ``pyro.optim.Adam({"lr": 1e-2})``).
         num_inner_steps: ``K >= 2`` inner steps per iteration for those guides.
+        fast_path: for diagonal guides, replay the step's particle loop as a traced graph
+            (:mod:`pyro_scorevi.fast_path`). ``None`` (default) traces after 100 eager steps
+            and uses the graph where a one-time check shows it reproduces the eager step
+            exactly; ``True`` traces at the first step and raises if it cannot; ``False``
+            never traces.
+        distributed: under an initialised ``torch.distributed`` process group, average the
+            per-coordinate statistics over ranks (an all-reduce, as DDP does for gradients):
+            each rank scores the same particles (seed all ranks alike) on its own data shard,
+            and all ranks apply the same update.
 
     Attributes:
         num_steps: accepted steps so far (the ``t`` of ``prox_weight``).
@@ -103,6 +114,8 @@ class ScoreProximalSVI:
         num_alternations: int = defaults.NUM_ALTERNATIONS,
         inner_optim: PyroOptim | None = None,
         num_inner_steps: int = defaults.NUM_INNER_STEPS,
+        fast_path: bool | None = None,
+        distributed: bool = False,
     ):
         if not callable(model):
             raise TypeError(f"model must be a callable Pyro model (got {type(model).__name__}).")
@@ -128,6 +141,12 @@ class ScoreProximalSVI:
         _check_int("num_inner_steps", num_inner_steps, 2)
         if not isinstance(antithetic, bool):
             raise TypeError(f"antithetic must be True or False (got {antithetic!r}).")
+        if fast_path not in (None, True, False):
+            raise TypeError(
+                f"fast_path must be None (automatic), True or False (got {fast_path!r})."
+            )
+        if not isinstance(distributed, bool):
+            raise TypeError(f"distributed must be True or False (got {distributed!r}).")
         self.model = model
         self.guide = guide
         self.optim = optim
@@ -137,10 +156,13 @@ class ScoreProximalSVI:
         self.num_alternations = num_alternations
         self.inner_optim = inner_optim or pyro.optim.Adam({"lr": defaults.INNER_LR})
         self.num_inner_steps = num_inner_steps
+        self.fast_path = fast_path
+        self.distributed = distributed
         self.num_steps = 0
         self.num_rejected_steps = 0
         self._family: DiagonalFamily | GaussianFamily | None = None
         self._log_joint: LogJoint | None = None
+        self._particle_sums: Callable | None = None
         self._warned_fixed_params = False
 
     # ------------------------------------------------------------------ public verbs
@@ -198,19 +220,9 @@ class ScoreProximalSVI:
 
     def _diagonal_step(self, family: DiagonalFamily, weight: float, args, kwargs):
         loc, scale = family.read()
-        # Running sums of delta, delta^2, delta * g and g: O(d) memory whatever S is.
-        sums = torch.zeros((4,) + loc.shape, dtype=loc.dtype, device=loc.device)
-        draw = _diagonal_sampler(loc, scale, self.antithetic)
-        total, subsample, param_grads = 0.0, None, None
-        for k in range(self.num_particles):
-            offset, theta = draw(k)
-            theta.requires_grad_()
-            value, score, subsample, params, pgrads = self._log_joint.scores(
-                family.to_sites(theta), theta, args, kwargs, subsample
-            )
-            total += value
-            sums += torch.stack([offset, offset * offset, offset * score, score])
-            param_grads = _accumulate(param_grads, pgrads)
+        sums, total, params, param_grads = self._particle_sums(loc, scale, args, kwargs)
+        if self.distributed:
+            sums, total = _all_reduce_mean(sums, total)
         stats = ScoreStatistics(*(sums / self.num_particles).unbind())
         new_loc, new_scale = diagonal_proximal_update(
             loc, scale, stats, weight, self.num_alternations
@@ -265,6 +277,24 @@ class ScoreProximalSVI:
         if self._family is None:
             self._family = make_family(self.guide, args, kwargs)
             self._log_joint = LogJoint(self.model, self._family.transforms)
+            compute = partial(
+                particle_sums,
+                self._log_joint,
+                self._family,
+                num_particles=self.num_particles,
+                antithetic=self.antithetic,
+            )
+            if self.distributed and not isinstance(self._family, DiagonalFamily):
+                raise NotImplementedError(
+                    f"distributed=True supports AutoNormal and AutoDiagonalNormal guides (got "
+                    f"{type(self.guide).__name__})."
+                )
+            use_graph = isinstance(self._family, DiagonalFamily) and self.fast_path is not False
+            self._particle_sums = (
+                TracedParticleSums(compute, required=self.fast_path is True)
+                if use_graph
+                else compute
+            )
         return self._family
 
     def _current_weight(self) -> float:
@@ -305,6 +335,55 @@ class ScoreProximalSVI:
                 stacklevel=3,
             )
         logger.debug("rejected step %d (loss %s)", self.num_steps, loss)
+
+
+def particle_sums(
+    log_joint: LogJoint,
+    family: DiagonalFamily,
+    loc: torch.Tensor,
+    scale: torch.Tensor,
+    args: tuple,
+    kwargs: dict,
+    *,
+    num_particles: int,
+    antithetic: bool,
+):
+    """The particle loop of a diagonal step: ``S`` forward/backward passes of the log joint.
+
+    Returns ``(sums, total, model_params, model_param_grads)``: the running sums of
+    :math:`\\delta`, :math:`\\delta^2`, :math:`\\delta\\hat g` and :math:`\\hat g` stacked as
+    a ``(4, d)`` tensor (:math:`O(d)` memory whatever ``S`` is), the summed log joint, and the
+    model's own parameters with their summed gradients.
+    """
+    sums = torch.zeros((4,) + loc.shape, dtype=loc.dtype, device=loc.device)
+    draw = _diagonal_sampler(loc, scale, antithetic)
+    total, subsample, params, param_grads = 0.0, None, [], None
+    for k in range(num_particles):
+        offset, theta = draw(k)
+        with torch.enable_grad():
+            theta.requires_grad_()
+            value, score, subsample, params, pgrads = log_joint.scores(
+                family.to_sites(theta), theta, args, kwargs, subsample
+            )
+        total = total + value
+        sums = sums + torch.stack([offset, offset * offset, offset * score, score])
+        param_grads = _accumulate(param_grads, pgrads)
+    return sums, total, params, param_grads
+
+
+def _all_reduce_mean(sums: torch.Tensor, total: torch.Tensor):
+    """Averages the statistics over the ranks of the default process group (one all-reduce)."""
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_initialized()):
+        raise ValueError(
+            "distributed=True needs an initialised torch.distributed process group (got none); "
+            "call torch.distributed.init_process_group(...) first, or pass distributed=False."
+        )
+    buffer = torch.cat([sums.reshape(-1), total.reshape(1)])
+    tdist.all_reduce(buffer)
+    buffer /= tdist.get_world_size()
+    return buffer[:-1].view_as(sums), buffer[-1]
 
 
 def _proximal_objective(posterior, frozen, thetas, scores, covariance, weight):

@@ -6,9 +6,16 @@ Pyro reset below acts only once some test module has imported Pyro.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
+
+# One OpenMP thread per test process (set before torch is imported). The suite's tensors are
+# tiny, and on a shared 2-core machine torch's default two OpenMP threads spin at barriers: a
+# 6 x 6 ``tril`` measured 40 ms with two threads under load against 2 us with one. ``pytest -n``
+# gives the parallelism instead. An explicit OMP_NUM_THREADS in the environment wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

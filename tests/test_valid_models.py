@@ -268,7 +268,7 @@ def test_unsupported_guide(make_guide):
 
 
 def _simple_model():
-    pyro.sample("x", dist.Normal(0.0, 1.0))
+    pyro.sample("x", dist.Normal(1.0, 2.0))  # not centred at the guide's initial loc 0
 
 
 @pytest.mark.parametrize(

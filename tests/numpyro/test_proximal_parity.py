@@ -71,7 +71,8 @@ def test_solve_precision_and_mean_parity_both_branches():
         stats_j = jax_prox.score_statistics(jnp.asarray(offsets), jnp.asarray(scores))
         p_j = jax_prox.solve_precision(jnp.asarray(scale), jnp.asarray(shift), stats_j, 2.0)
         m_j = jax_prox.solve_mean(jnp.asarray(loc), jnp.asarray(scale), p_j, stats_j, 2.0)
-        b = 2 * scale**2 * (np.asarray(stats_j.mean_offset_score) - shift * stats_j.mean_score)
+        c_cross = np.asarray(stats_j.mean_offset_score) - shift * np.asarray(stats_j.mean_score)
+        b = 2 * scale**2 * c_cross
         b = b + 0.5 * 2.0 * (scale**2 + shift**2)
     # The inputs must exercise both roots of the quadratic, or the test proves less.
     assert (b > 0).any() and (b <= 0).any()

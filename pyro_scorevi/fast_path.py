@@ -1,0 +1,166 @@
+"""The traced fast path: one step's particle loop captured once as an FX graph.
+
+A step of the closed-form family runs the model ``S`` times through Pyro's handlers; for a
+neural network most of that time is Python, not arithmetic. :class:`TracedParticleSums` records
+the whole particle loop (sampling, the model's log joint, its gradient, the per-coordinate sums)
+with :func:`torch.fx.experimental.proxy_tensor.make_fx` into a graph of ATen operations and
+replays it on later steps: the same operations, the same random draws (``randn``, the plate's
+``randperm`` are ops of the graph), without Pyro's Python overhead.
+
+Like :class:`pyro.infer.JitTrace_ELBO`, the graph assumes a static model: its structure and
+control flow may depend on the shapes and non-tensor values of the arguments (these key a
+cache of graphs), not on tensor values. Each new graph is checked once against the eager path
+on the same random numbers, and is used only if it reproduces it; otherwise the step stays
+eager. Support checks of ``Distribution.validate_args`` run in that eager check, not in the
+graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pyro
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+__all__ = ["TracedParticleSums"]
+
+logger = logging.getLogger(__name__)
+
+#: Graphs kept per instance (one per distinct argument signature); beyond it steps stay eager.
+MAX_GRAPHS = 8
+
+#: In automatic mode, eager steps before tracing: tracing costs about as much as a few hundred
+#: steps of a small network, so short runs (and most tests) never pay for it.
+AUTO_START_AFTER = 100
+
+_Sums = tuple[torch.Tensor, torch.Tensor, list, list]
+
+
+class TracedParticleSums:
+    """Wraps ``compute(loc, scale, args, kwargs) -> (sums, total, params, param_grads)``.
+
+    Args:
+        compute: the eager particle loop.
+        required: trace from the first call, and raise instead of falling back to the eager path
+            when a graph cannot be used; otherwise trace after ``AUTO_START_AFTER`` eager calls.
+    """
+
+    def __init__(self, compute: Callable[..., _Sums], required: bool = False):
+        self.compute = compute
+        self.required = required
+        self._eager_calls_left = 0 if required else AUTO_START_AFTER
+        self._graphs: dict[Any, torch.fx.GraphModule | None] = {}
+
+    def __call__(self, loc: torch.Tensor, scale: torch.Tensor, args: tuple, kwargs: dict) -> _Sums:
+        if self._eager_calls_left > 0:
+            self._eager_calls_left -= 1
+            return self.compute(loc, scale, args, kwargs)
+        leaves, spec = tree_flatten((args, kwargs))
+        is_tensor = [isinstance(leaf, torch.Tensor) for leaf in leaves]
+        tensors = [leaf for leaf, t in zip(leaves, is_tensor) if t]
+        key = _signature(loc, leaves, is_tensor, spec)
+        if key is None:
+            return self._eager(loc, scale, args, kwargs, "unhashable non-tensor arguments")
+        if key in self._graphs:
+            graph = self._graphs[key]
+            if graph is None:
+                return self.compute(loc, scale, args, kwargs)
+            sums, total = graph(loc, scale, *tensors)
+            return sums, total, [], []
+        if len(self._graphs) >= MAX_GRAPHS:
+            return self._eager(loc, scale, args, kwargs, f"more than {MAX_GRAPHS} signatures")
+        return self._build(key, loc, scale, args, kwargs, leaves, is_tensor, spec, tensors)
+
+    def _build(self, key, loc, scale, args, kwargs, leaves, is_tensor, spec, tensors) -> _Sums:
+        before = _rng_state(loc.device)
+        eager = self.compute(loc, scale, args, kwargs)
+        after = _rng_state(loc.device)
+        if eager[2]:
+            self._graphs[key] = None
+            return self._eager_result(eager, "the model has pyro.param sites (learned eagerly)")
+
+        def traced(loc, scale, *tensor_args):
+            it = iter(tensor_args)
+            full = [next(it) if t else leaf for leaf, t in zip(leaves, is_tensor)]
+            a, kw = tree_unflatten(full, spec)
+            sums, total, _, _ = self.compute(loc, scale, a, kw)
+            return sums, total
+
+        try:
+            _set_rng_state(loc.device, before)
+            with _sample_validation_disabled():
+                graph = make_fx(traced)(loc, scale, *tensors)
+            _set_rng_state(loc.device, before)
+            sums, total = graph(loc, scale, *tensors)
+            reason = _mismatch(eager[0], sums, eager[1], total)
+        except Exception as error:  # noqa: BLE001 - any tracing failure means: stay eager
+            graph, reason = None, f"tracing failed ({type(error).__name__}: {error})"
+        _set_rng_state(loc.device, after)
+        self._graphs[key] = None if reason else graph
+        if reason:
+            return self._eager_result(eager, reason)
+        logger.info("fast path: traced the particle loop (%d graph nodes)", len(graph.graph.nodes))
+        return eager
+
+    def _eager(self, loc, scale, args, kwargs, reason: str) -> _Sums:
+        return self._eager_result(self.compute(loc, scale, args, kwargs), reason)
+
+    def _eager_result(self, result: _Sums, reason: str) -> _Sums:
+        if self.required:
+            raise RuntimeError(
+                f"fast_path=True but the traced fast path cannot be used: {reason}. Pass "
+                "fast_path=None (automatic) or False to run the eager path."
+            )
+        logger.info("fast path not used: %s; running the eager path", reason)
+        return result
+
+
+def _signature(loc, leaves, is_tensor, spec):
+    parts = [(tuple(loc.shape), loc.dtype, loc.device), repr(spec)]
+    for leaf, t in zip(leaves, is_tensor):
+        parts.append((tuple(leaf.shape), leaf.dtype, leaf.device) if t else leaf)
+    key = tuple(parts)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _mismatch(sums_a, sums_b, total_a, total_b) -> str:
+    """Empty if the traced result reproduces the eager one (up to float reassociation)."""
+    scale = 1.0 + float(sums_a.abs().max())
+    if not torch.allclose(sums_a, sums_b, rtol=1e-5, atol=1e-6 * scale):
+        return "the traced graph does not reproduce the eager scores (dynamic model?)"
+    if not torch.allclose(total_a, total_b, rtol=1e-5, atol=1e-6 * (1.0 + float(total_a.abs()))):
+        return "the traced graph does not reproduce the eager log joint (dynamic model?)"
+    return ""
+
+
+@contextlib.contextmanager
+def _sample_validation_disabled():
+    """Support checks call ``.all()`` on tensors, which a graph cannot record; the eager check
+    of each new graph runs them."""
+    original = torch.distributions.Distribution._validate_sample
+    torch.distributions.Distribution._validate_sample = lambda self, value: None
+    try:
+        with pyro.validation_enabled(False):
+            yield
+    finally:
+        torch.distributions.Distribution._validate_sample = original
+
+
+def _rng_state(device: torch.device):
+    cpu = torch.get_rng_state()
+    return (cpu, torch.cuda.get_rng_state(device)) if device.type == "cuda" else (cpu, None)
+
+
+def _set_rng_state(device: torch.device, state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
