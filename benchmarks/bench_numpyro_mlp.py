@@ -76,16 +76,18 @@ def pyro_step_time(args) -> float:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_pyro_mlp as bp  # the Pyro benchmark's model and timing loop
     import pyro
+    import torch
     from pyro.infer.autoguide import AutoNormal as PyroAutoNormal
 
     from pyro_scorevi import ScoreProximalSVI as PyroScoreProximalSVI
 
+    torch.set_num_threads(1)  # as in bench_pyro_mlp.py; torch's pool would fight XLA's
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     x_tr, y_tr, _, _ = bp.load_data(0)
     model = bp.BayesianMLP(args.hidden, args.batch)
     guide = PyroAutoNormal(model)
-    svi = PyroScoreProximalSVI(model, guide, num_particles=args.particles)
+    svi = PyroScoreProximalSVI(model, guide, num_particles=args.particles, fast_path=True)
     return bp.time_steps(lambda: svi.step(x_tr, y_tr), args.steps)
 
 

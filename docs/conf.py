@@ -62,7 +62,15 @@ napoleon_attr_annotations = True
 napoleon_use_ivar = True
 
 # -- MyST / myst-nb --------------------------------------------------------------------------------
-myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist", "substitution"]
+# The defaults quoted on the algorithm page come from the code, so the page cannot drift.
+from pyro_scorevi import defaults as _defaults  # noqa: E402
+
+myst_substitutions = {
+    name: repr(getattr(_defaults, name))
+    for name in dir(_defaults)
+    if name.isupper() and not name.startswith("_")
+}
 myst_heading_anchors = 3
 nb_execution_mode = os.environ.get("SCOREVI_NB_EXECUTION", "force")
 nb_execution_timeout = int(os.environ.get("SCOREVI_NB_TIMEOUT", "900"))

@@ -202,7 +202,9 @@ def test_tutorial_is_an_executable_text_notebook_in_the_toctree(path):
 
 
 @pytest.mark.slow
-def test_docs_build_with_warnings_as_errors():
+def test_docs_build_with_warnings_as_errors(request):
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("builds the docs and runs every tutorial (minutes): run with -m slow")
     env = dict(os.environ, SCOREVI_TUTORIAL_SCALE="small")
     out = subprocess.run(
         ["bash", str(ROOT / "scripts" / "build-docs.sh")],
