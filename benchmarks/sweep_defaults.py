@@ -40,13 +40,19 @@ WEIGHTS = {
 PARTICLES = (1, 2, 4)
 
 
-def run_mlp(weight, particles, budget, seed, data):
+def run_mlp(weight, particles, budget, seed, data, alternations=2):
     x_tr, y_tr, x_te, y_te = data
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     model = BayesianMLP(64, 64)
     guide = AutoNormal(model, init_scale=0.05)
-    svi = ScoreProximalSVI(model, guide, num_particles=particles, prox_weight=weight)
+    svi = ScoreProximalSVI(
+        model,
+        guide,
+        num_particles=particles,
+        prox_weight=weight,
+        num_alternations=alternations,
+    )
     for _ in range(budget // particles):
         svi.step(x_tr, y_tr)
     m = evaluate(model, guide, x_te, y_te)
@@ -64,7 +70,7 @@ def linreg_problem(seed=0, n=2000, d=5, noise=1.0):
     return x, y, mean, precision
 
 
-def run_linreg(weight, particles, budget, seed, data, batch=32):
+def run_linreg(weight, particles, budget, seed, data, alternations=2, batch=32):
     x, y, mean, precision = data
 
     def model(x, y):
@@ -75,7 +81,13 @@ def run_linreg(weight, particles, budget, seed, data, batch=32):
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     guide = AutoNormal(model, init_scale=0.01)
-    svi = ScoreProximalSVI(model, guide, num_particles=particles, prox_weight=weight)
+    svi = ScoreProximalSVI(
+        model,
+        guide,
+        num_particles=particles,
+        prox_weight=weight,
+        num_alternations=alternations,
+    )
     for _ in range(budget // particles):
         svi.step(x, y)
     loc, scale = guide._get_loc_and_scale("w")
@@ -87,7 +99,7 @@ def run_linreg(weight, particles, budget, seed, data, batch=32):
     }
 
 
-def run_gauss(weight, particles, budget, seed, data):
+def run_gauss(weight, particles, budget, seed, data, alternations=2):
     mu, precision = data
     d = mu.shape[0]
 
@@ -97,7 +109,13 @@ def run_gauss(weight, particles, budget, seed, data):
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     guide = AutoNormal(model, init_scale=1.0)
-    svi = ScoreProximalSVI(model, guide, num_particles=particles, prox_weight=weight)
+    svi = ScoreProximalSVI(
+        model,
+        guide,
+        num_particles=particles,
+        prox_weight=weight,
+        num_alternations=alternations,
+    )
     for _ in range(budget // particles):
         svi.step()
     loc, scale = guide._get_loc_and_scale("x")
@@ -129,6 +147,9 @@ def main(argv=None):
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     parser.add_argument("--budget", type=int, default=4000, help="gradient evaluations per run")
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--alternations", type=int, nargs="+", default=[2])
+    parser.add_argument("--weights", nargs="+", default=list(WEIGHTS), choices=list(WEIGHTS))
+    parser.add_argument("--particles", type=int, nargs="+", default=list(PARTICLES))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     for name in args.problems:
@@ -136,19 +157,22 @@ def main(argv=None):
         data = make()
         print(f"\n### {name}: budget {args.budget} gradient evaluations, {args.seeds} seeds\n")
         header_done = False
-        for wname, weight in WEIGHTS.items():
-            for s in PARTICLES:
-                start = time.perf_counter()
-                results = [run(weight, s, args.budget, seed, data) for seed in range(args.seeds)]
-                keys = [k for k in results[0] if k != "d"]
-                if not header_done:
-                    print("| prox_weight | S | " + " | ".join(keys) + " | s/run |")
-                    print("|---|---|" + "---|" * len(keys) + "---|")
-                    header_done = True
-                means = [sum(r[k] for r in results) / len(results) for k in keys]
-                secs = (time.perf_counter() - start) / args.seeds
-                cells = " | ".join(f"{m:.3f}" for m in means)
-                print(f"| {wname} | {s} | {cells} | {secs:.1f} |", flush=True)
+        grid = [(a, w, s) for a in args.alternations for w in args.weights for s in args.particles]
+        for alternations, wname, s in grid:
+            start = time.perf_counter()
+            results = [
+                run(WEIGHTS[wname], s, args.budget, seed, data, alternations)
+                for seed in range(args.seeds)
+            ]
+            keys = [k for k in results[0] if k != "d"]
+            if not header_done:
+                print("| alternations | prox_weight | S | " + " | ".join(keys) + " | s/run |")
+                print("|---|---|---|" + "---|" * len(keys) + "---|")
+                header_done = True
+            means = [sum(r[k] for r in results) / len(results) for k in keys]
+            secs = (time.perf_counter() - start) / args.seeds
+            cells = " | ".join(f"{m:.3f}" for m in means)
+            print(f"| {alternations} | {wname} | {s} | {cells} | {secs:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pyro.infer.autoguide import (
     AutoMultivariateNormal,
     AutoNormal,
 )
+from pyro.util import get_rng_state, set_rng_state
 from torch.distributions import transform_to
 
 __all__ = ["DiagonalFamily", "GaussianFamily", "check_guide", "make_family", "SUPPORTED_GUIDES"]
@@ -52,8 +53,13 @@ def make_family(guide, args: tuple, kwargs: dict):
     """Sets the guide up on the model's arguments and returns its family adapter."""
     check_guide(guide)
     if guide.prototype_trace is None:
+        # Creates the prototype trace and the params in the store. The RNG state is restored so
+        # that setting a guide up draws nothing: a run resumed with a fresh guide (param store
+        # loaded, RNG state restored) then continues exactly as the uninterrupted run.
+        rng_state = get_rng_state()
         with poutine.block():
-            guide(*args, **kwargs)  # creates the prototype trace and the params in the store
+            guide(*args, **kwargs)
+        set_rng_state(rng_state)
     _check_sites(guide)
     if isinstance(guide, (AutoNormal, AutoDiagonalNormal)):
         return DiagonalFamily(guide)

@@ -38,8 +38,10 @@ is built on the device and in the dtype of the parameter it replaces.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import numbers
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Union
 
@@ -47,12 +49,25 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_distribution import TorchDistributionMixin
+from pyro.infer.autoguide.initialization import init_to_feasible
 from pyro.nn import PyroModule, PyroSample
 from pyro.nn.module import to_pyro_module_
 
-__all__ = ["bayesianize_", "bayesian_names", "BayesianClassifier", "Prior", "Selector"]
+__all__ = [
+    "bayesianize_",
+    "bayesian_names",
+    "init_to_network",
+    "BayesianClassifier",
+    "Prior",
+    "Selector",
+]
 
 logger = logging.getLogger(__name__)
+
+# Each prior that bayesianize_ builds -> the value of the parameter it replaced. Keyed by the
+# distribution object itself (the ``fn`` of its sample site), so the lookup does not depend on
+# the site's name, which gains a prefix once the module becomes a submodule.
+_NETWORK_VALUES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 #: A prior: a scale ``sigma > 0`` (i.i.d. ``Normal(0, sigma)``), a univariate distribution
 #: expanded to each parameter's shape, or ``prior(name, param) -> Distribution``.
@@ -133,6 +148,8 @@ def bayesianize_(
                 "the weights before bayesianize_."
             )
     priors = {name: _make_prior(prior, name, owners[name][2]) for name in chosen}
+    for name in chosen:
+        _NETWORK_VALUES[priors[name]] = owners[name][2].detach().clone()
     to_pyro_module_(module)
     owners = _parameter_owners(module)  # same names; the owners are PyroModules now
     for name in chosen:
@@ -148,6 +165,39 @@ def bayesianize_(
         total,
     )
     return module
+
+
+def init_to_network(site: dict | None = None, fallback: Callable | None = init_to_feasible):
+    """Autoguide initialisation at the network's own weights (``init_loc_fn=init_to_network``).
+
+    A latent site made by :func:`bayesianize_` starts at the value its parameter had before the
+    conversion (pretrained weights, or the layer's own initialisation: ones for ``LayerNorm``
+    gains, fan-in scaled ``Linear`` weights), instead of the prior's median (zero), which would
+    start every weight of a layer at the same value. Other sites go to ``fallback``.
+
+    Example:
+        >>> import pyro, torch
+        >>> from pyro.infer.autoguide import AutoNormal
+        >>> from pyro_scorevi.nn import bayesianize_, init_to_network
+        >>> pyro.clear_param_store()
+        >>> net = torch.nn.LayerNorm(3)
+        >>> guide = AutoNormal(bayesianize_(net), init_loc_fn=init_to_network)
+        >>> guide(torch.randn(2, 3))["weight"].shape
+        torch.Size([3])
+        >>> pyro.param("AutoNormal.locs.weight").tolist()
+        [1.0, 1.0, 1.0]
+    """
+    if site is None:
+        return functools.partial(init_to_network, fallback=fallback)
+    value = _NETWORK_VALUES.get(site["fn"])
+    if value is not None and value.shape == site["fn"].shape():
+        return value
+    if fallback is None:
+        raise ValueError(
+            f"site {site['name']!r} was not made by bayesianize_ and fallback=None; pass "
+            "fallback=pyro.infer.autoguide.init_to_feasible (the default)."
+        )
+    return fallback(site)
 
 
 def bayesian_names(module: torch.nn.Module) -> list[str]:
@@ -348,8 +398,8 @@ def _make_prior(prior, name: str, param: torch.Tensor) -> dist.Distribution:
     full = tuple(base.batch_shape + base.event_shape)
     if full == ():
         return base.expand(shape).to_event(len(shape))
-    if full == tuple(shape):
-        return base.to_event(len(base.batch_shape)) if base.batch_shape else base
+    if full == tuple(shape):  # expand: a fresh object per parameter, even for a shared prior
+        return base.expand(base.batch_shape).to_event(len(base.batch_shape))
     raise ValueError(
         f"the prior of {name!r} has batch_shape + event_shape = {full}, but the parameter has "
         f"shape {tuple(shape)}; return a univariate distribution (it is expanded) or one of "

@@ -19,6 +19,7 @@ Neural Networks", arXiv:2602.05873, 2026.
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections.abc import Callable
@@ -97,7 +98,7 @@ class ScoreProximalSVI:
         >>> y = torch.randn(100) + 3.0
         >>> guide = AutoNormal(model)
         >>> svi = ScoreProximalSVI(model, guide)
-        >>> losses = [svi.step(y) for _ in range(300)]
+        >>> losses = [svi.step(y) for _ in range(1000)]
         >>> abs(guide.median()["mu"].item() - y.mean().item()) < 0.05
         True
     """
@@ -207,14 +208,27 @@ class ScoreProximalSVI:
             total += value
         return -(total / self.num_particles + entropy).item()
 
-    def state_dict(self) -> dict[str, int]:
-        """The counters that the param store does not hold (for resuming a schedule)."""
-        return {"num_steps": self.num_steps, "num_rejected_steps": self.num_rejected_steps}
+    def state_dict(self) -> dict[str, Any]:
+        """What the param store does not hold: the step counters (for resuming a schedule) and
+        copies of the optimiser states (``inner_optim``, and ``optim`` when given)."""
+        state: dict[str, Any] = {
+            "num_steps": self.num_steps,
+            "num_rejected_steps": self.num_rejected_steps,
+            "inner_optim": copy.deepcopy(self.inner_optim.get_state()),
+        }
+        if self.optim is not None:
+            state["optim"] = copy.deepcopy(self.optim.get_state())
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Restores :meth:`state_dict`; with the param store loaded, a run resumes exactly."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`; with the param store loaded (and the RNG state
+        restored), a run resumes exactly."""
         self.num_steps = int(state["num_steps"])
         self.num_rejected_steps = int(state["num_rejected_steps"])
+        if "inner_optim" in state:
+            self.inner_optim.set_state(copy.deepcopy(state["inner_optim"]))
+        if self.optim is not None and "optim" in state:
+            self.optim.set_state(copy.deepcopy(state["optim"]))
 
     # ------------------------------------------------------------------ the two steps
 

@@ -19,7 +19,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule
 
 from pyro_scorevi import ScoreProximalSVI
-from pyro_scorevi.nn import BayesianClassifier, bayesian_names, bayesianize_
+from pyro_scorevi.nn import BayesianClassifier, bayesian_names, bayesianize_, init_to_network
 
 ALL = ["0.weight", "0.bias", "2.weight", "2.bias", "3.weight", "3.bias"]
 
@@ -234,3 +234,26 @@ def test_deterministic_layers_stay_fixed_without_optim_and_move_with_it(caplog):
     for _ in range(5):
         svi.step(x, y)
     assert (net[0].weight - fixed["0.weight"]).abs().max() > 1e-3
+
+
+def test_init_to_network_starts_the_guide_at_the_network_weights():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.LayerNorm(3))
+    weight = net[0].weight.detach().clone()
+    model = BayesianClassifier(bayesianize_(net, exclude="0.bias"), batch_size=4)
+    model_sites = sites(model, torch.randn(10, 2), torch.randint(3, (10,)))
+    assert "net.0.bias" not in model_sites or model_sites["net.0.bias"]["type"] == "param"
+    guide = AutoNormal(model, init_loc_fn=init_to_network)
+    guide(torch.randn(10, 2), torch.randint(3, (10,)))
+    assert torch.equal(pyro.param("AutoNormal.locs.net.0.weight"), weight)  # under a prefix
+    assert torch.equal(pyro.param("AutoNormal.locs.net.1.weight"), torch.ones(3))
+    assert torch.equal(pyro.param("AutoNormal.locs.net.1.bias"), torch.zeros(3))
+
+    def other_model():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    pyro.clear_param_store()
+    AutoNormal(other_model, init_loc_fn=init_to_network)()  # falls back to init_to_feasible
+    assert pyro.param("AutoNormal.locs.z").item() == 0.0
+    with pytest.raises(ValueError, match="fallback=None"):
+        AutoNormal(other_model, init_loc_fn=init_to_network(fallback=None))()

@@ -78,16 +78,18 @@ def standard_normal_particles(
 ) -> Any:
     """Standard normal draws :math:`\\varepsilon_k` with leaves of shape ``(S, *leaf.shape)``.
 
-    With ``antithetic``, the second half is the negative of the first
-    (:math:`\\theta = m \\pm s\\varepsilon`), so odd moments average to exactly zero.
+    With ``antithetic``, the first ``2 * (S // 2)`` draws are pairs :math:`\\pm\\varepsilon`
+    (:math:`\\theta = m \\pm s\\varepsilon`), so their odd moments average to exactly zero; an
+    odd last particle is drawn plainly, as in the Pyro class.
     """
     leaves, treedef = jax.tree.flatten(like)
     keys = random.split(rng_key, len(leaves))
-    half = num_particles // 2 if antithetic else num_particles
+    pairs = num_particles // 2 if antithetic else 0
     out = []
     for key, leaf in zip(keys, leaves):
-        eps = random.normal(key, (half,) + jnp.shape(leaf), dtype=jnp.result_type(leaf))
-        out.append(jnp.concatenate([eps, -eps]) if antithetic else eps)
+        shape = (num_particles - pairs,) + jnp.shape(leaf)
+        eps = random.normal(key, shape, dtype=jnp.result_type(leaf))
+        out.append(jnp.concatenate([eps[:pairs], -eps[:pairs], eps[pairs:]]))
     return jax.tree.unflatten(treedef, out)
 
 

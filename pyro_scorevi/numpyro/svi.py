@@ -99,6 +99,14 @@ class ScoreProximalState(NamedTuple):
 
 #: ``(params, state, losses)``, like ``numpyro.infer.svi.SVIRunResult``.
 ScoreProximalRunResult = namedtuple("ScoreProximalRunResult", ["params", "state", "losses"])
+ScoreProximalRunResult.__doc__ = """What :meth:`ScoreProximalSVI.run` returns, as ``SVIRunResult``.
+
+Attributes:
+    params: the fitted guide parameters (constrained), for ``guide.sample_posterior`` and
+        ``Predictive``.
+    state: the final :class:`ScoreProximalState`, to resume with ``init_state=``.
+    losses: the negative ELBO estimate of every step, shape ``(num_steps,)``.
+"""
 
 
 @dataclass(frozen=True)
@@ -106,7 +114,7 @@ class ScoreProximalConfig:
     """Validated hyper-parameters (same names and defaults as the Pyro class).
 
     Args:
-        num_particles: :math:`S \\ge 1` particles per step (even when ``antithetic``).
+        num_particles: :math:`S \\ge 1` particles per step (with ``antithetic``, an odd last particle is drawn plainly, as in the Pyro class).
         prox_weight: :math:`\\lambda > 0`, or a callable ``step -> weight`` such as
             :class:`pyro_scorevi.schedules.PolynomialGrowth`.
         antithetic: draw particles in pairs :math:`m \\pm s\\varepsilon`.
@@ -133,11 +141,6 @@ class ScoreProximalConfig:
             raise TypeError(
                 f"antithetic must be a bool (got {type(self.antithetic).__name__} "
                 f"{self.antithetic!r}); use antithetic=True or antithetic=False."
-            )
-        if self.antithetic and self.num_particles % 2:
-            raise ValueError(
-                f"num_particles must be even when antithetic=True (got num_particles = "
-                f"{self.num_particles}); use an even number or antithetic=False."
             )
         weight = self.prox_weight
         if isinstance(weight, numbers.Real) and not isinstance(weight, bool) and not weight > 0:
@@ -237,7 +240,7 @@ def update(
     *args,
     **kwargs,
 ) -> tuple[ScoreProximalState, jax.Array]:
-    """One proximal step; returns ``(new_state, loss)`` with loss the :math:`-`ELBO of q_t."""
+    """One proximal step; returns ``(new_state, loss)`` with loss the negative ELBO of q_t."""
     rng_key, step_key = random.split(state.rng_key)
     family = family_of(guide)
     if family.closed_form:
@@ -253,7 +256,7 @@ def update(
 def evaluate(
     model: Callable, guide: Callable, config: ScoreProximalConfig, state, *args, **kwargs
 ) -> jax.Array:
-    """The :math:`-`ELBO estimate of :func:`update` (same particles), without the step."""
+    """The negative ELBO estimate of :func:`update` (same particles), without the step."""
     _, step_key = random.split(state.rng_key)
     particle_key, model_key = random.split(step_key)
     family = family_of(guide)
@@ -349,8 +352,9 @@ class ScoreProximalSVI:
         model: a NumPyro model with continuous global latents.
         guide: ``AutoNormal`` or ``AutoDiagonalNormal`` (closed-form step), or
             ``AutoMultivariateNormal`` / ``AutoLowRankMultivariateNormal`` (inner steps).
-        num_particles, prox_weight, antithetic, num_alternations, inner_optim,
-        num_inner_steps: see :class:`ScoreProximalConfig` (keyword-only).
+        **hyperparameters: keyword-only ``num_particles``, ``prox_weight``, ``antithetic``,
+            ``num_alternations``, ``inner_optim`` and ``num_inner_steps``, as in the Pyro
+            class; see :class:`ScoreProximalConfig`.
         static_kwargs: constant keyword arguments of the model / guide.
 
     Example::
@@ -408,7 +412,7 @@ class ScoreProximalSVI:
         return dict(state.params)
 
     def update(self, state: ScoreProximalState, *args, **kwargs):
-        """One proximal step; returns ``(state, loss)``, loss the :math:`-`ELBO of q_t."""
+        """One proximal step; returns ``(state, loss)``, loss the negative ELBO of q_t."""
         return update(
             self.model, self.guide, self.config, state, *args, **kwargs, **self.static_kwargs
         )

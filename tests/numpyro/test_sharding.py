@@ -5,9 +5,11 @@ The check runs in a subprocess, since the device count is fixed when JAX starts
 from the same key: once on plain arrays, once on arrays placed with
 ``jax.device_put(x, NamedSharding(Mesh(devices, ("batch",)), P("batch")))``, which makes XLA
 (GSPMD) split every per-data-point computation between the devices and all-reduce the sums.
-Two ways of feeding data are covered: a jitted ``update`` on caller-drawn mini-batches (the
-likelihood scaled by N/B through ``numpyro.plate(..., subsample_size=B)``), and ``run`` on the
-whole sharded training set with the plate drawing the indices.
+The data are caller-drawn mini-batches, sharded along the batch axis, fed to a jitted
+``update`` (the likelihood scaled by N/B through ``numpyro.plate(..., subsample_size=B)``): the
+data-parallel layout. (``run`` on a whole sharded training set with the plate drawing the
+indices was also measured equal, bit for bit: after the gather of B rows the arithmetic is not
+split between devices, so it checks little and is left out to keep the test short.)
 
 Tolerance: identity tier 1e-6 in float64 (the same arithmetic; only the order of the cross-device
 sums differs). The module imports neither torch nor pyro, and the subprocess checks that
@@ -60,7 +62,7 @@ SCRIPT = textwrap.dedent(
     sharding = NamedSharding(Mesh(np.array(devices), ("batch",)), P("batch"))
     shard = lambda a: jax.device_put(jnp.asarray(a), sharding)
 
-    def minibatch_fit(put):
+    def fit(put):
         svi = ScoreProximalSVI(model, AutoNormal(model), prox_weight=10.0)
         state = svi.init(random.PRNGKey(0), put(x[:B]), put(y[:B]))
         update = jax.jit(svi.update)
@@ -71,30 +73,19 @@ SCRIPT = textwrap.dedent(
             losses.append(float(loss))
         return svi.get_params(state), losses, len(xb.sharding.device_set)
 
-    def run_fit(put):
-        svi = ScoreProximalSVI(model, AutoNormal(model), prox_weight=10.0)
-        result = svi.run(
-            random.PRNGKey(1), STEPS, put(x), put(y), batch_size=B, progress_bar=False
-        )
-        return result.params, [float(v) for v in result.losses]
-
     def max_diff(a, b):
         return max(float(jnp.max(jnp.abs(a[k] - b[k]))) for k in a)
 
-    plain_params, plain_losses, plain_devices = minibatch_fit(jnp.asarray)
-    shard_params, shard_losses, shard_devices = minibatch_fit(shard)
-    run_plain, run_plain_losses = run_fit(jnp.asarray)
-    run_shard, run_shard_losses = run_fit(shard)
-    print(json.dumps({"losses": plain_losses[-1],
+    plain_params, plain_losses, plain_devices = fit(jnp.asarray)
+    shard_params, shard_losses, shard_devices = fit(shard)
+    print(json.dumps({
         "num_devices": len(devices),
         "dtype": str(plain_params["w1_auto_loc"].dtype),
         "minibatch_devices": [plain_devices, shard_devices],
         "minibatch_param_diff": max_diff(plain_params, shard_params),
         "minibatch_loss_diff": max(abs(a - b) for a, b in zip(plain_losses, shard_losses)),
-        "run_param_diff": max_diff(run_plain, run_shard),
-        "run_loss_diff": max(abs(a - b) for a, b in zip(run_plain_losses, run_shard_losses)),
         "moved": float(jnp.max(jnp.abs(plain_params["w1_auto_loc"]))),
-        "finite": bool(np.isfinite(plain_losses).all() and np.isfinite(run_plain_losses).all()),
+        "finite": bool(np.isfinite(plain_losses).all() and np.isfinite(shard_losses).all()),
         "torch_imported": "torch" in sys.modules or "pyro" in sys.modules,
     }))
     """
@@ -126,12 +117,7 @@ def test_the_check_really_ran_on_two_devices_in_float64(sharded_result):
 
 def test_sharded_minibatch_updates_equal_unsharded(sharded_result):
     assert sharded_result["minibatch_param_diff"] < TOL
-    assert sharded_result["minibatch_loss_diff"] < TOL * 100  # a sum over N/B-scaled terms
-
-
-def test_sharded_run_with_subsampling_plate_equals_unsharded(sharded_result):
-    assert sharded_result["run_param_diff"] < TOL
-    assert sharded_result["run_loss_diff"] < TOL * 100
+    assert sharded_result["minibatch_loss_diff"] < TOL
 
 
 def test_no_torch_or_pyro_was_imported(sharded_result):

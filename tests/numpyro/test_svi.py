@@ -58,7 +58,6 @@ DATA = random.normal(random.PRNGKey(9), (50,)) * 2.0 + 1.0
     [
         (dict(num_particles=0), ValueError, r"num_particles >= 1 \(got num_particles = 0\)"),
         (dict(num_particles=1.5), TypeError, "num_particles must be an int"),
-        (dict(num_particles=3), ValueError, "even when antithetic=True"),
         (dict(prox_weight=-1.0), ValueError, r"prox_weight > 0 \(got prox_weight = -1.0\)"),
         (dict(prox_weight="big"), TypeError, "prox_weight must be a positive float"),
         (dict(antithetic=1), TypeError, "antithetic must be a bool"),
@@ -72,12 +71,23 @@ def test_invalid_arguments(kwargs, error, match):
         ScoreProximalSVI(gaussian_model, AutoNormal(gaussian_model), **kwargs)
 
 
-def test_odd_particles_without_antithetic_ok():
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_odd_particles_ok(antithetic):
+    # With antithetic=True, S = 3 is one pair and one plain draw (as in the Pyro class).
     svi = ScoreProximalSVI(
-        gaussian_model, AutoNormal(gaussian_model), num_particles=3, antithetic=False
+        gaussian_model, AutoNormal(gaussian_model), num_particles=3, antithetic=antithetic
     )
     result = svi.run(random.PRNGKey(0), 2, progress_bar=False)
     assert np.all(np.isfinite(result.losses))
+
+
+def test_antithetic_particles_pair_up():
+    from pyro_scorevi.numpyro.scores import standard_normal_particles
+
+    eps = standard_normal_particles(random.PRNGKey(1), jnp.zeros(4), 5, True)
+    assert eps.shape == (5, 4)
+    np.testing.assert_array_equal(eps[:2], -eps[2:4])  # identity tier: exact negation
+    assert not np.allclose(eps[4], -eps[0]) and not np.allclose(eps[4], -eps[1])
 
 
 def test_unsupported_guide_lists_supported():
