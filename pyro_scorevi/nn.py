@@ -149,7 +149,8 @@ def bayesianize_(
             )
     priors = {name: _make_prior(prior, name, owners[name][2]) for name in chosen}
     for name in chosen:
-        _NETWORK_VALUES[priors[name]] = owners[name][2].detach().clone()
+        # The replaced tensor itself, not a copy: no memory beyond the network's own weights.
+        _NETWORK_VALUES[priors[name]] = owners[name][2].detach()
     to_pyro_module_(module)
     owners = _parameter_owners(module)  # same names; the owners are PyroModules now
     for name in chosen:
@@ -191,7 +192,7 @@ def init_to_network(site: dict | None = None, fallback: Callable | None = init_t
         return functools.partial(init_to_network, fallback=fallback)
     value = _NETWORK_VALUES.get(site["fn"])
     if value is not None and value.shape == site["fn"].shape():
-        return value
+        return value.clone()  # the guide may update its init tensor in place
     if fallback is None:
         raise ValueError(
             f"site {site['name']!r} was not made by bayesianize_ and fallback=None; pass "
