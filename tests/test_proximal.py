@@ -1,4 +1,4 @@
-"""The closed-form diagonal proximal step (``pyro_scorevi.proximal``), checked from first principles.
+"""The closed-form diagonal proximal step (``pyro_scorevi.proximal``) from first principles.
 
 Tolerance tiers (``/work/shared/STYLE.md``): identities 1e-6 (float64), hand-derived 1e-4.
 The per-coordinate objective is written out here from the particles themselves, independently of

@@ -1,4 +1,4 @@
-"""Valid and invalid model/guide structures, in the manner of Pyro's ``tests/infer/test_valid_models.py``.
+"""Valid and invalid model/guide structures, after Pyro's ``tests/infer/test_valid_models.py``.
 
 ``assert_ok`` runs a few steps and checks that every loss is finite and that every guide parameter
 moved; ``assert_error`` checks that the error type and a message naming the culprit are raised.
@@ -55,7 +55,7 @@ def assert_ok(model, guide, *args, num_steps=3, **svi_kwargs):
 
 
 def assert_error(model, guide, *args, error=Exception, match=None, **svi_kwargs):
-    """Constructing the ``ScoreProximalSVI`` or its first step raises ``error`` matching ``match``."""
+    """Construction or the first step raises ``error`` with a message matching ``match``."""
     with pytest.raises(error, match=match):
         svi = ScoreProximalSVI(model, guide, **svi_kwargs)
         svi.step(*args)
@@ -256,7 +256,7 @@ def test_model_changed_after_guide_was_built(Guide):
     [
         AutoDelta,
         lambda model: AutoIAFNormal(model, num_transforms=1),
-        lambda model: (lambda: pyro.sample("x", dist.Normal(0.0, 1.0))),
+        lambda model: lambda: pyro.sample("x", dist.Normal(0.0, 1.0)),
     ],
     ids=["AutoDelta", "AutoIAFNormal", "hand_written"],
 )
@@ -304,9 +304,7 @@ def test_bad_arguments_fail_at_construction():
 
 
 def test_schedule_that_goes_non_positive_is_an_error_naming_prox_weight():
-    svi = ScoreProximalSVI(
-        _simple_model, AutoNormal(_simple_model), prox_weight=lambda t: 1.0 - t
-    )
+    svi = ScoreProximalSVI(_simple_model, AutoNormal(_simple_model), prox_weight=lambda t: 1.0 - t)
     svi.step()
     with pytest.raises(ValueError, match="prox_weight"):
         svi.step()
