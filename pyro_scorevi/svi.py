@@ -32,7 +32,7 @@ from pyro.infer.util import zero_grads
 from pyro.optim import PyroOptim
 
 from pyro_scorevi import defaults
-from pyro_scorevi.fast_path import TracedParticleSums
+from pyro_scorevi.fast_path import TracedStep
 from pyro_scorevi.guides import (
     DiagonalFamily,
     GaussianFamily,
@@ -75,8 +75,9 @@ class ScoreProximalSVI:
         fast_path: for diagonal guides, replay the step's particle loop as a traced graph
             (:mod:`pyro_scorevi.fast_path`). ``None`` (default) traces after 100 eager steps
             and uses the graph where a one-time check shows it reproduces the eager step
-            exactly; ``True`` traces at the first step and raises if it cannot; ``False``
-            never traces.
+            exactly; ``True`` traces at the first step and raises if it cannot; ``"compile"``
+            also compiles the graph with ``torch.compile`` (tens of seconds once, then fused
+            kernels: for long runs); ``False`` never traces. Distributed steps stay eager.
         distributed: under an initialised ``torch.distributed`` process group, average the
             per-coordinate statistics over ranks (an all-reduce, as DDP does for gradients):
             each rank scores the same particles (seed all ranks alike) on its own data shard,
@@ -115,7 +116,7 @@ class ScoreProximalSVI:
         num_alternations: int = defaults.NUM_ALTERNATIONS,
         inner_optim: PyroOptim | None = None,
         num_inner_steps: int = defaults.NUM_INNER_STEPS,
-        fast_path: bool | None = None,
+        fast_path: bool | str | None = None,
         distributed: bool = False,
     ):
         if not callable(model):
@@ -142,9 +143,9 @@ class ScoreProximalSVI:
         _check_int("num_inner_steps", num_inner_steps, 2)
         if not isinstance(antithetic, bool):
             raise TypeError(f"antithetic must be True or False (got {antithetic!r}).")
-        if fast_path not in (None, True, False):
+        if fast_path not in (None, True, False, "compile"):
             raise TypeError(
-                f"fast_path must be None (automatic), True or False (got {fast_path!r})."
+                f"fast_path must be None (automatic), True, False or 'compile' (got {fast_path!r})."
             )
         if not isinstance(distributed, bool):
             raise TypeError(f"distributed must be True or False (got {distributed!r}).")
@@ -163,7 +164,7 @@ class ScoreProximalSVI:
         self.num_rejected_steps = 0
         self._family: DiagonalFamily | GaussianFamily | None = None
         self._log_joint: LogJoint | None = None
-        self._particle_sums: Callable | None = None
+        self._diagonal_core: Callable | None = None
         self._warned_fixed_params = False
 
     # ------------------------------------------------------------------ public verbs
@@ -234,15 +235,11 @@ class ScoreProximalSVI:
 
     def _diagonal_step(self, family: DiagonalFamily, weight: float, args, kwargs):
         loc, scale = family.read()
-        sums, total, params, param_grads = self._particle_sums(loc, scale, args, kwargs)
-        if self.distributed:
-            sums, total = _all_reduce_mean(sums, total)
-        stats = ScoreStatistics(*(sums / self.num_particles).unbind())
-        new_loc, new_scale = diagonal_proximal_update(
-            loc, scale, stats, weight, self.num_alternations
+        weight = torch.as_tensor(weight, dtype=loc.dtype, device=loc.device)
+        new_loc, new_scale, loss, finite, params, param_grads = self._diagonal_core(
+            loc, scale, weight, args, kwargs
         )
-        loss = -(total / self.num_particles + family.entropy(scale))
-        ok = _all_finite([loss, new_loc, new_scale]) and bool((new_scale > 0).all())
+        ok = bool(finite)
         if ok:
             family.write(new_loc, new_scale)
             self._step_model_params(params, param_grads, self.num_particles)
@@ -291,23 +288,30 @@ class ScoreProximalSVI:
         if self._family is None:
             self._family = make_family(self.guide, args, kwargs)
             self._log_joint = LogJoint(self.model, self._family.transforms)
-            compute = partial(
-                particle_sums,
-                self._log_joint,
-                self._family,
-                num_particles=self.num_particles,
-                antithetic=self.antithetic,
-            )
             if self.distributed and not isinstance(self._family, DiagonalFamily):
                 raise NotImplementedError(
                     f"distributed=True supports AutoNormal and AutoDiagonalNormal guides (got "
                     f"{type(self.guide).__name__})."
                 )
-            use_graph = isinstance(self._family, DiagonalFamily) and self.fast_path is not False
-            self._particle_sums = (
-                TracedParticleSums(compute, required=self.fast_path is True)
+            core = partial(
+                diagonal_core,
+                self._log_joint,
+                self._family,
+                num_particles=self.num_particles,
+                antithetic=self.antithetic,
+                num_alternations=self.num_alternations,
+                reduce=_all_reduce_mean if self.distributed else None,
+            )
+            # A collective cannot be recorded in a graph: distributed steps stay eager.
+            use_graph = self.fast_path is not False and not self.distributed
+            self._diagonal_core = (
+                TracedStep(
+                    core,
+                    required=self.fast_path in (True, "compile"),
+                    compile=self.fast_path == "compile",
+                )
                 if use_graph
-                else compute
+                else core
             )
         return self._family
 
@@ -349,6 +353,51 @@ class ScoreProximalSVI:
                 stacklevel=3,
             )
         logger.debug("rejected step %d (loss %s)", self.num_steps, loss)
+
+
+def diagonal_core(
+    log_joint: LogJoint,
+    family: DiagonalFamily,
+    loc: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor,
+    args: tuple,
+    kwargs: dict,
+    *,
+    num_particles: int,
+    antithetic: bool,
+    num_alternations: int,
+    reduce: Callable | None = None,
+):
+    """One closed-form step from the frozen ``(loc, scale)``, without touching the param store.
+
+    Returns ``(new_loc, new_scale, loss, finite, model_params, model_param_grads)`` where
+    ``loss`` is the negative ELBO estimate of :math:`q_t` and ``finite`` a boolean tensor that
+    is true when the loss and the update are finite (and the new scale positive). ``reduce``
+    combines the statistics across processes (``distributed=True``).
+    """
+    sums, total, params, param_grads = particle_sums(
+        log_joint,
+        family,
+        loc,
+        scale,
+        args,
+        kwargs,
+        num_particles=num_particles,
+        antithetic=antithetic,
+    )
+    if reduce is not None:
+        sums, total = reduce(sums, total)
+    stats = ScoreStatistics(*(sums / num_particles).unbind())
+    new_loc, new_scale = diagonal_proximal_update(loc, scale, stats, weight, num_alternations)
+    loss = -(total / num_particles + family.entropy(scale))
+    finite = (
+        torch.isfinite(loss)
+        & torch.isfinite(new_loc).all()
+        & torch.isfinite(new_scale).all()
+        & (new_scale > 0).all()
+    )
+    return new_loc, new_scale, loss, finite, params, param_grads
 
 
 def particle_sums(

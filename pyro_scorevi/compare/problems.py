@@ -378,6 +378,9 @@ _register(
         grad_evals=3000,
         batch_size=64,
         build=_digits_vit,
+        # At AutoNormal's default 0.1 neither method leaves the uniform predictive (accuracy
+        # 0.10 after 3000 evaluations, 3 seeds); at 0.01 the ELBO baseline learns.
+        init_scale=0.01,
     ),
 )
 _register(
