@@ -144,7 +144,7 @@ def bayesianize_(
         if name in shared:
             raise ValueError(
                 f"parameter {name!r} is shared with {shared[name]} (tied weights); a PyroSample "
-                "per attribute would untie them. Exclude it with exclude=[{name!r}] or untie "
+                f"per attribute would untie them. Exclude it with exclude=[{name!r}] or untie "
                 "the weights before bayesianize_."
             )
     priors = {name: _make_prior(prior, name, owners[name][2]) for name in chosen}

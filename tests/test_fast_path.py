@@ -1,0 +1,119 @@
+"""The traced fast path gives the same update as the eager path, and falls back where it must."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
+from pyro.nn import PyroModule, PyroSample
+
+import pyro_scorevi.fast_path
+from pyro_scorevi import ScoreProximalSVI
+
+
+class Net(PyroModule):
+    """A PyroModule network, a positive noise scale and a subsampled likelihood."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = PyroModule[torch.nn.Linear](3, 4)
+        self.fc.weight = PyroSample(dist.Normal(0.0, 1.0).expand([4, 3]).to_event(2))
+        self.fc.bias = PyroSample(dist.Normal(0.0, 1.0).expand([4]).to_event(1))
+
+    def forward(self, x, y):
+        sigma = pyro.sample("sigma", dist.LogNormal(0.0, 1.0))
+        data = pyro.plate("data", x.shape[0], subsample_size=16)
+        with data as idx:
+            pass
+        mean = torch.tanh(self.fc(x[idx])).sum(-1)
+        with data:
+            pyro.sample("y", dist.Normal(mean, sigma), obs=y[idx])
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 3, generator=g)
+    y = torch.tanh(
+        x
+        @ torch.ones(
+            3,
+            4,
+        )
+    ).sum(-1) + 0.1 * torch.randn(
+        100,
+        generator=g,
+    )
+    return x, y
+
+
+def fit(guide_cls, fast_path, steps=30):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(1)
+    model = Net()
+    guide = guide_cls(model)
+    svi = ScoreProximalSVI(model, guide, fast_path=fast_path)
+    x, y = data()
+    losses = [svi.step(x, y) for _ in range(steps)]
+    params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    return losses, params, svi
+
+
+@pytest.mark.parametrize("guide_cls", [AutoNormal, AutoDiagonalNormal])
+def test_traced_step_equals_eager_step(guide_cls):
+    eager_losses, eager, _ = fit(guide_cls, False)
+    traced_losses, traced, svi = fit(guide_cls, True)
+    assert len(svi._diagonal_core._graphs) == 1  # the graph was built and kept
+    # Same ATen operations on the same random numbers: identical up to float reassociation
+    # (identity tier).
+    assert torch.allclose(torch.tensor(eager_losses), torch.tensor(traced_losses), rtol=1e-6)
+    for name in eager:
+        assert torch.allclose(eager[name], traced[name], rtol=1e-6, atol=1e-7), name
+
+
+def test_automatic_mode_traces_after_its_warmup(monkeypatch):
+    monkeypatch.setattr(pyro_scorevi.fast_path, "AUTO_START_AFTER", 5)
+    eager_losses, eager, _ = fit(AutoNormal, False, steps=12)
+    auto_losses, auto, svi = fit(AutoNormal, None, steps=12)
+    assert len(svi._diagonal_core._graphs) == 1
+    for name in eager:
+        assert torch.allclose(eager[name], auto[name], rtol=1e-6, atol=1e-7), name
+
+
+def model_with_param(y):
+    shift = pyro.param("shift", torch.tensor(0.0))
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu + shift, 1.0), obs=y)
+
+
+def test_required_fast_path_names_why_it_cannot_be_used():
+    guide = AutoNormal(model_with_param)
+    svi = ScoreProximalSVI(model_with_param, guide, pyro.optim.Adam({"lr": 0.01}), fast_path=True)
+    with pytest.raises(RuntimeError, match="pyro.param sites"):
+        svi.step(torch.ones(10))
+
+
+def test_automatic_fast_path_falls_back_for_model_params(monkeypatch):
+    monkeypatch.setattr(pyro_scorevi.fast_path, "AUTO_START_AFTER", 0)
+    guide = AutoNormal(model_with_param)
+    svi = ScoreProximalSVI(model_with_param, guide, pyro.optim.Adam({"lr": 0.05}))
+    y = torch.full((10,), 2.0)
+    for _ in range(5):
+        svi.step(y)
+    assert svi._diagonal_core._graphs == {next(iter(svi._diagonal_core._graphs)): None}
+    assert pyro.param("shift").item() != 0.0  # still learned, eagerly
+
+
+def test_bad_fast_path_value():
+    model = model_with_param
+    with pytest.raises(TypeError, match="fast_path must be"):
+        ScoreProximalSVI(model, AutoNormal(model), fast_path="yes")
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager_step():
+    # torch.compile fuses kernels, so the match is up to float rounding, not bitwise.
+    eager_losses, eager, _ = fit(AutoNormal, False, steps=3)
+    compiled_losses, compiled, _ = fit(AutoNormal, "compile", steps=3)
+    for name in eager:
+        assert torch.allclose(eager[name], compiled[name], rtol=1e-4, atol=1e-6), name
