@@ -17,7 +17,9 @@ all measured in one run:
 * what each method holds per coordinate, on paper.
 
 Run: ``python benchmarks/bench_vit_cpu.py`` (about 6 minutes on a loaded 2-core machine);
-``--quick`` for a smoke run. ``--json PATH`` writes the figures.
+``--quick`` for a smoke run; ``--parts vit,memory,sweep`` to choose the measurements;
+``--compile`` to also time ``fast_path="compile"`` on the ViT (a minute or two of
+compilation); ``--json PATH`` writes the figures.
 """
 
 from __future__ import annotations
@@ -149,12 +151,14 @@ def build_step(method: str, make_net, x, y, batch: int, particles: int, seed: in
     guide = AutoNormal(model, init_loc_fn=init_to_network, init_scale=1e-3)
     if method == "elbo":
         svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO(num_particles=particles))
-    elif method in ("score_fast", "score_eager"):
-        svi = ScoreProximalSVI(
-            model, guide, num_particles=particles, fast_path=method == "score_fast"
-        )
+    elif method in ("score_fast", "score_eager", "score_compile"):
+        fast_path = {"score_fast": True, "score_eager": False, "score_compile": "compile"}[method]
+        svi = ScoreProximalSVI(model, guide, num_particles=particles, fast_path=fast_path)
     else:
-        raise ValueError(f"method must be adamw, elbo, score_fast or score_eager (got {method!r}).")
+        raise ValueError(
+            "method must be adamw, elbo, score_fast, score_eager or score_compile (got "
+            f"{method!r})."
+        )
     return (lambda: svi.step(x, y)), (model, guide, svi)
 
 
@@ -294,6 +298,10 @@ def main(argv=None) -> None:
     parser.add_argument("--memory-depth", type=int, default=4)
     parser.add_argument("--sweep", default="70,280,960,3130", help="MLP widths (1e4-1e7 params)")
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--parts", default="vit,memory,sweep", help="which measurements")
+    parser.add_argument(
+        "--compile", action="store_true", help='also time fast_path="compile" on the ViT'
+    )
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -302,81 +310,97 @@ def main(argv=None) -> None:
         return
     torch.set_num_threads(1)  # every method on one core: a like-for-like ratio
     x, y = load_digits_images()
-    rounds, per_round = (2, 3) if args.quick else (args.rounds, 20)
-    vit = dict(dim=args.dim, depth=args.depth, heads=4, mlp_dim=2 * args.dim)
+    parts = set(args.parts.split(","))
+    results: dict = {}
     methods = ["score_fast", "score_eager", "elbo", "adamw"]
-    make_vit = lambda: VisionTransformer(**vit)  # noqa: E731
-    steps = {m: build_step(m, make_vit, x, y, args.batch, args.particles)[0] for m in methods}
-    # One particle: the same number of gradient evaluations as the AdamW step.
-    steps["score_fast_S1"] = build_step("score_fast", make_vit, x, y, args.batch, 1)[0]
-    t = time_interleaved(steps, rounds, per_round)
-    d = num_params(VisionTransformer(**vit))
-    results = {"vit": {**vit, "params": d, "batch": args.batch, "particles": args.particles}}
-    results["step_seconds"] = t
-    print(
-        f"ViT on digits: patch 2, dim {args.dim}, depth {args.depth}, {d} parameters (all "
-        f"latent), batch {args.batch}, S = {args.particles}; medians of {rounds} interleaved "
-        f"rounds of {per_round} steps, 1 thread"
-    )
-    for m in steps:
-        print(f"  {m:<13} {1e3 * t[m]:8.2f} ms/step")
-    for m in ("score_fast", "score_eager"):
+    if "vit" in parts:
+        rounds, per_round = (2, 3) if args.quick else (args.rounds, 20)
+        vit = dict(dim=args.dim, depth=args.depth, heads=4, mlp_dim=2 * args.dim)
+        make_vit = lambda: VisionTransformer(**vit)  # noqa: E731
+        steps = {m: build_step(m, make_vit, x, y, args.batch, args.particles)[0] for m in methods}
+        # One particle: the same number of gradient evaluations as the AdamW step.
+        steps["score_fast_S1"] = build_step("score_fast", make_vit, x, y, args.batch, 1)[0]
+        if args.compile:  # torch.compile of the traced step: a minute or two of compilation
+            steps["score_compile"] = build_step(
+                "score_compile", make_vit, x, y, args.batch, args.particles
+            )[0]
+        t = time_interleaved(steps, rounds, per_round)
+        d = num_params(VisionTransformer(**vit))
+        results["vit"] = {**vit, "params": d, "batch": args.batch, "particles": args.particles}
+        results["step_seconds"] = t
         print(
-            f"  {m} / AdamW step      = {t[m] / t['adamw']:.2f}  (target <= 1.3; "
-            f"{t[m] / t['adamw'] / args.particles:.2f} per gradient evaluation)"
+            f"ViT on digits: patch 2, dim {args.dim}, depth {args.depth}, {d} parameters (all "
+            f"latent), batch {args.batch}, S = {args.particles}; medians of {rounds} interleaved "
+            f"rounds of {per_round} steps, 1 thread"
         )
-        print(f"  {m} / SVI(Trace_ELBO) = {t[m] / t['elbo']:.2f}  (target <= 1.0)")
-    print(f"  score_fast_S1 / AdamW step   = {t['score_fast_S1'] / t['adamw']:.2f}  (S = 1)")
+        for m in steps:
+            print(f"  {m:<13} {1e3 * t[m]:8.2f} ms/step")
+        for m in ("score_fast", "score_eager"):
+            print(
+                f"  {m} / AdamW step      = {t[m] / t['adamw']:.2f}  (target <= 1.3; "
+                f"{t[m] / t['adamw'] / args.particles:.2f} per gradient evaluation)"
+            )
+            print(f"  {m} / SVI(Trace_ELBO) = {t[m] / t['elbo']:.2f}  (target <= 1.0)")
+        print(f"  score_fast_S1 / AdamW step   = {t['score_fast_S1'] / t['adamw']:.2f}  (S = 1)")
+        if args.compile:
+            c = t["score_compile"]
+            print(f"  score_compile / AdamW step   = {c / t['adamw']:.2f}  (target <= 1.3)")
+            print(f"  score_compile / SVI(Trace_ELBO) = {c / t['elbo']:.2f}  (target <= 1.0)")
 
-    mem_vit = dict(
-        dim=args.memory_dim, depth=args.memory_depth, heads=4, mlp_dim=2 * args.memory_dim
-    )
-    config = {"vit": mem_vit, "batch": args.batch, "particles": args.particles}
-    config["warmup"], config["steps"] = (2, 2) if args.quick else (3, 10)
-    mem = measure_memory(methods, config)
-    d_mem = num_params(VisionTransformer(**mem_vit))
-    results["memory"] = {"vit": mem_vit, "params": d_mem, **mem}
-    exact = all(v["exact"] for v in mem.values())
-    how = "VmHWM reset through clear_refs" if exact else "ru_maxrss, a lower bound"
-    copy = 4 * d_mem
-    print(
-        f"\nPeak memory: ViT dim {args.memory_dim}, depth {args.memory_depth}, {d_mem} "
-        f"parameters ({copy / 2**20:.1f} MiB per float32 copy). Growth of the resident set "
-        f"above the RSS before the guide / optimiser is built, one subprocess per method "
-        f"({how}); 'setup': building + {config['warmup']} first steps (the fast path traces "
-        f"in its first), 'steady': the {config['steps']} steps after those."
-    )
-    print(f"  {'method':<12}{'setup MiB':>11}{'copies':>8}{'steady MiB':>12}{'copies':>8}")
-    for m in methods:
-        a, b = mem[m]["setup"], mem[m]["steady"]
-        print(f"  {m:<12}{a / 2**20:>11.1f}{a / copy:>8.1f}{b / 2**20:>12.1f}{b / copy:>8.1f}")
-    for m in ("score_fast", "score_eager"):
-        print(
-            f"  {m} / SVI(Trace_ELBO): setup {mem[m]['setup'] / mem['elbo']['setup']:.2f}, "
-            f"steady {mem[m]['steady'] / mem['elbo']['steady']:.2f}  (target <= 1.3)"
+    if "memory" in parts:
+        mem_vit = dict(
+            dim=args.memory_dim, depth=args.memory_depth, heads=4, mlp_dim=2 * args.memory_dim
         )
+        config = {"vit": mem_vit, "batch": args.batch, "particles": args.particles}
+        config["warmup"], config["steps"] = (2, 2) if args.quick else (3, 10)
+        mem = measure_memory(methods, config)
+        d_mem = num_params(VisionTransformer(**mem_vit))
+        results["memory"] = {"vit": mem_vit, "params": d_mem, **mem}
+        exact = all(v["exact"] for v in mem.values())
+        how = "VmHWM reset through clear_refs" if exact else "ru_maxrss, a lower bound"
+        copy = 4 * d_mem
+        print(
+            f"\nPeak memory: ViT dim {args.memory_dim}, depth {args.memory_depth}, {d_mem} "
+            f"parameters ({copy / 2**20:.1f} MiB per float32 copy). Growth of the resident set "
+            f"above the RSS before the guide / optimiser is built, one subprocess per method "
+            f"({how}); 'setup': building + {config['warmup']} first steps (the fast path traces "
+            f"in its first), 'steady': the {config['steps']} steps after those."
+        )
+        print(f"  {'method':<12}{'setup MiB':>11}{'copies':>8}{'steady MiB':>12}{'copies':>8}")
+        for m in methods:
+            a, b = mem[m]["setup"], mem[m]["steady"]
+            print(f"  {m:<12}{a / 2**20:>11.1f}{a / copy:>8.1f}{b / 2**20:>12.1f}{b / copy:>8.1f}")
+        for m in ("score_fast", "score_eager"):
+            print(
+                f"  {m} / SVI(Trace_ELBO): setup {mem[m]['setup'] / mem['elbo']['setup']:.2f}, "
+                f"steady {mem[m]['steady'] / mem['elbo']['steady']:.2f}  (target <= 1.3)"
+            )
 
-    print("\nStep time against the number of parameters (64-h-h-10 MLP, digits, same settings):")
-    print(f"  {'width':>6}{'params':>11}{'score_fast':>12}{'elbo':>10}{'adamw':>10}"
-          f"{'fast/elbo':>11}{'fast/adamw':>11}")  # fmt: skip
-    results["sweep"] = []
-    for width in [int(w) for w in args.sweep.split(",")]:
-        n = num_params(mlp(width))
-        big = n > 3e6
-        sweep_steps = {
-            m: build_step(m, lambda w=width: mlp(w), x, y, args.batch, args.particles)[0]
-            for m in ("score_fast", "elbo", "adamw")
-        }
-        r, k = (1, 1) if args.quick or big else (3, max(2, int(3e6 / n)) if n < 3e6 else 2)
-        ts = time_interleaved(sweep_steps, r, min(k, 20), warmup=1 if big else 3)
-        del sweep_steps
-        gc.collect()
-        results["sweep"].append({"width": width, "params": n, **ts})
+    if "sweep" in parts:
         print(
-            f"  {width:>6}{n:>11.2e}{1e3 * ts['score_fast']:>10.1f}ms{1e3 * ts['elbo']:>8.1f}ms"
-            f"{1e3 * ts['adamw']:>8.1f}ms{ts['score_fast'] / ts['elbo']:>11.2f}"
-            f"{ts['score_fast'] / ts['adamw']:>11.2f}"
+            "\nStep time against the number of parameters (64-h-h-10 MLP, digits, same settings):"
         )
+        print(f"  {'width':>6}{'params':>11}{'score_fast':>12}{'elbo':>10}{'adamw':>10}"
+              f"{'fast/elbo':>11}{'fast/adamw':>11}")  # fmt: skip
+        results["sweep"] = []
+        for width in [int(w) for w in args.sweep.split(",")]:
+            n = num_params(mlp(width))
+            big = n > 3e6
+            sweep_steps = {
+                m: build_step(m, lambda w=width: mlp(w), x, y, args.batch, args.particles)[0]
+                for m in ("score_fast", "elbo", "adamw")
+            }
+            # Up to 1e6 parameters: 3 rounds of 3-20 steps; beyond: one step after one warm-up.
+            r, k = (1, 1) if args.quick or big else (3, min(20, max(2, int(3e6 / n))))
+            ts = time_interleaved(sweep_steps, r, k, warmup=1 if big else 3)
+            del sweep_steps
+            gc.collect()
+            results["sweep"].append({"width": width, "params": n, **ts})
+            print(
+                f"  {width:>6}{n:>11.2e}{1e3 * ts['score_fast']:>10.1f}ms{1e3 * ts['elbo']:>8.1f}ms"
+                f"{1e3 * ts['adamw']:>8.1f}ms{ts['score_fast'] / ts['elbo']:>11.2f}"
+                f"{ts['score_fast'] / ts['adamw']:>11.2f}"
+            )
     print("\nHeld in memory per coordinate (on paper):")
     for name, text in held_per_coordinate():
         print(f"  {name}: {text}")

@@ -127,7 +127,7 @@ def _list_problems() -> int:
         print(
             f"{name.ljust(width)}  {p.description}{mark}\n{' ' * width}  "
             f"headline {p.headline}; {p.grad_evals} gradient evaluations; "
-            f"batch {p.batch_size or 'full'}"
+            f"batch {p.batch_size or ('none (no data)' if p.kind == 'gaussian' else 'full')}"
         )
     return 0
 

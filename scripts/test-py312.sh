@@ -16,11 +16,14 @@ cd "$ROOT"
 
 VENV="${VENV312:-$ROOT/.venv312}"
 if [[ -z "${PYTHON312:-}" ]]; then
-    if command -v python3.12 >/dev/null 2>&1; then
-        PYTHON312="$(command -v python3.12)"
-    elif [[ -x "$HOME/.pyenv/versions/3.12.1/bin/python" ]]; then
-        PYTHON312="$HOME/.pyenv/versions/3.12.1/bin/python"
-    else
+    # A pyenv shim named python3.12 may exist without being runnable: try each candidate.
+    for candidate in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python; do
+        if "$candidate" -c "import sys; assert sys.version_info >= (3, 12)" >/dev/null 2>&1; then
+            PYTHON312="$candidate"
+            break
+        fi
+    done
+    if [[ -z "${PYTHON312:-}" ]]; then
         echo "test-py312.sh: no Python 3.12 found; set PYTHON312=/path/to/python3.12" >&2
         exit 2
     fi

@@ -259,3 +259,27 @@ def test_init_to_network_starts_the_guide_at_the_network_weights():
     assert pyro.param("AutoNormal.locs.z").item() == 0.0
     with pytest.raises(ValueError, match="fallback=None"):
         AutoNormal(other_model, init_loc_fn=init_to_network(fallback=None))()
+
+
+def test_the_traced_fast_path_reproduces_the_eager_steps_on_a_bayesianized_network():
+    x, y = blobs(100, 0)
+
+    def fit(fast_path):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(3)
+        torch.manual_seed(3)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(2, 6), torch.nn.LayerNorm(6), torch.nn.Linear(6, 3)
+        )
+        model = BayesianClassifier(bayesianize_(net), batch_size=16)
+        guide = AutoNormal(model, init_loc_fn=init_to_network)
+        svi = ScoreProximalSVI(model, guide, fast_path=fast_path)  # True: raises if not traced
+        losses = torch.tensor([svi.step(x, y) for _ in range(5)])
+        return losses, {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+
+    eager_losses, eager = fit(False)
+    fast_losses, fast = fit(True)
+    # jit-vs-eager tier (float32): the same operations, replayed from a graph.
+    torch.testing.assert_close(fast_losses, eager_losses, rtol=1e-5, atol=1e-3)
+    for name, value in eager.items():
+        torch.testing.assert_close(fast[name], value, rtol=1e-5, atol=1e-5, msg=name)
