@@ -14,7 +14,8 @@ control flow may depend on the shapes and non-tensor values of the arguments (th
 cache of graphs), not on tensor values. Each new graph is checked once against the eager path
 on the same random numbers, and is used only if it reproduces it; otherwise the step stays
 eager. Support checks of ``Distribution.validate_args`` run in that eager check, not in the
-graph.
+graph. A model's own ``pyro.param`` values held fixed (no ``optim=``) are constants of the
+graph: after changing them, build a new ``ScoreProximalSVI``.
 """
 
 from __future__ import annotations
@@ -86,9 +87,10 @@ class TracedStep:
         before = _rng_state(loc.device)
         eager = self.compute(loc, scale, weight, args, kwargs)
         after = _rng_state(loc.device)
-        if eager[-2]:
+        if eager[-1]:
             self._graphs[key] = None
-            return self._eager_result(eager, "the model has pyro.param sites (learned eagerly)")
+            reason = "the model's pyro.param sites are learned (optim=), which the graph cannot do"
+            return self._eager_result(eager, reason)
 
         def traced(loc, scale, weight, *tensor_args):
             it = iter(tensor_args)

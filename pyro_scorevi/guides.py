@@ -60,6 +60,11 @@ def make_family(guide, args: tuple, kwargs: dict):
         with poutine.block():
             guide(*args, **kwargs)
         set_rng_state(rng_state)
+    if not any(True for _ in guide.prototype_trace.iter_stochastic_nodes()):
+        raise ValueError(
+            "the model has no latent sample sites (every site is observed or deterministic), "
+            "so there is no posterior to fit; check the model's pyro.sample statements."
+        )
     _check_sites(guide)
     if isinstance(guide, (AutoNormal, AutoDiagonalNormal)):
         return DiagonalFamily(guide)

@@ -98,6 +98,7 @@ class LogJoint:
         args: tuple,
         kwargs: dict,
         subsample: Mapping[str, torch.Tensor] | None,
+        learn_params: bool = True,
     ) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor], list, list]:
         """One forward and backward pass: :math:`\\log\\hat p` and its gradients.
 
@@ -109,6 +110,9 @@ class LogJoint:
         """
         value, used, params = self(unconstrained, args, kwargs, subsample)
         params = [p for p in params if p.requires_grad]
+        if not learn_params:  # held fixed: no gradient, and constants of a traced graph
+            (score,) = torch.autograd.grad(value, [inputs])
+            return value.detach(), score, used, params, []
         grads = torch.autograd.grad(value, [inputs, *params], allow_unused=True)
         grads = [torch.zeros_like(x) if g is None else g for x, g in zip([inputs, *params], grads)]
         return value.detach(), grads[0], used, params, grads[1:]

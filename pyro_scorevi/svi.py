@@ -301,6 +301,7 @@ class ScoreProximalSVI:
                 antithetic=self.antithetic,
                 num_alternations=self.num_alternations,
                 reduce=_all_reduce_mean if self.distributed else None,
+                learn_params=self.optim is not None,
             )
             # A collective cannot be recorded in a graph: distributed steps stay eager.
             use_graph = self.fast_path is not False and not self.distributed
@@ -368,6 +369,7 @@ def diagonal_core(
     antithetic: bool,
     num_alternations: int,
     reduce: Callable | None = None,
+    learn_params: bool = True,
 ):
     """One closed-form step from the frozen ``(loc, scale)``, without touching the param store.
 
@@ -385,6 +387,7 @@ def diagonal_core(
         kwargs,
         num_particles=num_particles,
         antithetic=antithetic,
+        learn_params=learn_params,
     )
     if reduce is not None:
         sums, total = reduce(sums, total)
@@ -410,13 +413,14 @@ def particle_sums(
     *,
     num_particles: int,
     antithetic: bool,
+    learn_params: bool = True,
 ):
     """The particle loop of a diagonal step: ``S`` forward/backward passes of the log joint.
 
     Returns ``(sums, total, model_params, model_param_grads)``: the running sums of
     :math:`\\delta`, :math:`\\delta^2`, :math:`\\delta\\hat g` and :math:`\\hat g` stacked as
     a ``(4, d)`` tensor (:math:`O(d)` memory whatever ``S`` is), the summed log joint, and the
-    model's own parameters with their summed gradients.
+    model's own parameters with their summed gradients (empty unless ``learn_params``).
     """
     sums = torch.zeros((4,) + loc.shape, dtype=loc.dtype, device=loc.device)
     draw = _diagonal_sampler(loc, scale, antithetic)
@@ -426,7 +430,7 @@ def particle_sums(
         with torch.enable_grad():
             theta.requires_grad_()
             value, score, subsample, params, pgrads = log_joint.scores(
-                family.to_sites(theta), theta, args, kwargs, subsample
+                family.to_sites(theta), theta, args, kwargs, subsample, learn_params
             )
         total = total + value
         sums = sums + torch.stack([offset, offset * offset, offset * score, score])

@@ -117,3 +117,24 @@ def test_compiled_step_matches_eager_step():
     compiled_losses, compiled, _ = fit(AutoNormal, "compile", steps=3)
     for name in eager:
         assert torch.allclose(eager[name], compiled[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_fixed_model_params_are_graph_constants():
+    # Without optim= the model's pyro.param sites are held fixed, so the graph can be used.
+    guide = AutoNormal(model_with_param)
+    svi = ScoreProximalSVI(model_with_param, guide, fast_path=True)
+    y = torch.full((10,), 2.0)
+    for _ in range(3):
+        svi.step(y)
+    assert all(g is not None for g in svi._diagonal_core._graphs.values())
+    assert pyro.param("shift").item() == 0.0
+
+
+def test_model_without_latent_sites_is_named():
+    def model(y):
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(0.0, 1.0), obs=y)
+
+    svi = ScoreProximalSVI(model, AutoNormal(model))
+    with pytest.raises(ValueError, match="no latent sample sites"):
+        svi.step(torch.ones(3))

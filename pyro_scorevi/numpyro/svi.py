@@ -114,7 +114,8 @@ class ScoreProximalConfig:
     """Validated hyper-parameters (same names and defaults as the Pyro class).
 
     Args:
-        num_particles: :math:`S \\ge 1` particles per step (with ``antithetic``, an odd last particle is drawn plainly, as in the Pyro class).
+        num_particles: :math:`S \\ge 1` particles per step (with ``antithetic``, an odd last
+            particle is drawn plainly, as in the Pyro class).
         prox_weight: :math:`\\lambda > 0`, or a callable ``step -> weight`` such as
             :class:`pyro_scorevi.schedules.PolynomialGrowth`.
         antithetic: draw particles in pairs :math:`m \\pm s\\varepsilon`.
