@@ -19,6 +19,7 @@ Neural Networks", arXiv:2602.05873, 2026.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
@@ -78,6 +79,10 @@ class ScoreProximalSVI:
             exactly; ``True`` traces at the first step and raises if it cannot; ``"compile"``
             also compiles the graph with ``torch.compile`` (tens of seconds once, then fused
             kernels: for long runs); ``False`` never traces. Distributed steps stay eager.
+        average_after: for diagonal guides, keep the running mean of the iterates
+            :math:`(m_t, s_t^2)` after this many steps (Polyak-Ruppert averaging), which
+            removes the mini-batch noise of late iterates at the optimal rate; use
+            :meth:`averaged` to read the averaged guide. ``None`` (default): no averaging.
         distributed: under an initialised ``torch.distributed`` process group, average the
             per-coordinate statistics over ranks (an all-reduce, as DDP does for gradients):
             each rank scores the same particles (seed all ranks alike) on its own data shard,
@@ -85,6 +90,7 @@ class ScoreProximalSVI:
 
     Attributes:
         num_steps: accepted steps so far (the ``t`` of ``prox_weight``).
+        num_averaged: iterates in the running average (``average_after``).
         num_rejected_steps: steps rejected because a score or the update was not finite.
 
     Example:
@@ -118,6 +124,7 @@ class ScoreProximalSVI:
         num_inner_steps: int = defaults.NUM_INNER_STEPS,
         fast_path: bool | str | None = None,
         distributed: bool = False,
+        average_after: int | None = None,
     ):
         if not callable(model):
             raise TypeError(f"model must be a callable Pyro model (got {type(model).__name__}).")
@@ -149,6 +156,8 @@ class ScoreProximalSVI:
             )
         if not isinstance(distributed, bool):
             raise TypeError(f"distributed must be True or False (got {distributed!r}).")
+        if average_after is not None:
+            _check_int("average_after", average_after, 0)
         self.model = model
         self.guide = guide
         self.optim = optim
@@ -160,6 +169,9 @@ class ScoreProximalSVI:
         self.num_inner_steps = num_inner_steps
         self.fast_path = fast_path
         self.distributed = distributed
+        self.average_after = average_after
+        self._average: tuple[torch.Tensor, torch.Tensor] | None = None  # running mean of (m, s^2)
+        self.num_averaged = 0
         self.num_steps = 0
         self.num_rejected_steps = 0
         self._family: DiagonalFamily | GaussianFamily | None = None
@@ -216,6 +228,8 @@ class ScoreProximalSVI:
             "num_steps": self.num_steps,
             "num_rejected_steps": self.num_rejected_steps,
             "inner_optim": copy.deepcopy(self.inner_optim.get_state()),
+            "num_averaged": self.num_averaged,
+            "average": None if self._average is None else [t.clone() for t in self._average],
         }
         if self.optim is not None:
             state["optim"] = copy.deepcopy(self.optim.get_state())
@@ -228,8 +242,46 @@ class ScoreProximalSVI:
         self.num_rejected_steps = int(state["num_rejected_steps"])
         if "inner_optim" in state:
             self.inner_optim.set_state(copy.deepcopy(state["inner_optim"]))
+        self.num_averaged = int(state.get("num_averaged", 0))
+        average = state.get("average")
+        self._average = None if average is None else tuple(t.clone() for t in average)
         if self.optim is not None and "optim" in state:
             self.optim.set_state(copy.deepcopy(state["optim"]))
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """Context in which the guide holds the averaged iterates (``average_after``).
+
+        Inside it ``Predictive``, ``guide.median()`` etc. see :math:`\\bar m` and
+        :math:`\\bar s = (\\overline{s^2})^{1/2}`; on exit the current iterate is restored, so
+        training can go on. To keep the averages, save the param store inside the context.
+
+        Example:
+            >>> svi = ScoreProximalSVI(model, guide, average_after=500)  # doctest: +SKIP
+            >>> for _ in range(2000):  # doctest: +SKIP
+            ...     svi.step(x, y)
+            >>> with svi.averaged():  # doctest: +SKIP
+            ...     samples = Predictive(model, guide=guide, num_samples=100)(x)
+        """
+        if self._family is None and self._average is not None:
+            if self.guide.prototype_trace is None:
+                raise ValueError(
+                    "the guide has not been set up; take a step (or call the guide on the "
+                    "model's arguments) before using averaged()."
+                )
+            self._setup((), {})  # resumed from a state_dict: the guide's prototype exists
+        if self._average is None or not isinstance(self._family, DiagonalFamily):
+            raise ValueError(
+                f"no averaged iterates yet (average_after = {self.average_after!r}, "
+                f"{self.num_steps} steps taken); pass average_after=N with a diagonal guide and "
+                "take more than N steps."
+            )
+        current = self._family.read()
+        self._family.write(self._average[0], self._average[1].sqrt())
+        try:
+            yield self.guide
+        finally:
+            self._family.write(*current)
 
     # ------------------------------------------------------------------ the two steps
 
@@ -243,7 +295,20 @@ class ScoreProximalSVI:
         if ok:
             family.write(new_loc, new_scale)
             self._step_model_params(params, param_grads, self.num_particles)
+            if self.average_after is not None and self.num_steps + 1 > self.average_after:
+                self._accumulate_average(new_loc, new_scale)
         return loss.item(), ok
+
+    @torch.no_grad()
+    def _accumulate_average(self, loc: torch.Tensor, scale: torch.Tensor) -> None:
+        """Running means :math:`\\bar m`, :math:`\\overline{s^2}` of the iterates."""
+        self.num_averaged += 1
+        if self._average is None:
+            self._average = (loc.clone(), scale.square())
+            return
+        weight = 1.0 / self.num_averaged
+        self._average[0].lerp_(loc, weight)
+        self._average[1].lerp_(scale.square(), weight)
 
     def _gaussian_step(self, family: GaussianFamily, weight: float, args, kwargs):
         posterior, guide_params = family.posterior_and_params()
@@ -288,6 +353,11 @@ class ScoreProximalSVI:
         if self._family is None:
             self._family = make_family(self.guide, args, kwargs)
             self._log_joint = LogJoint(self.model, self._family.transforms)
+            if self.average_after is not None and not isinstance(self._family, DiagonalFamily):
+                raise NotImplementedError(
+                    f"average_after supports AutoNormal and AutoDiagonalNormal guides (got "
+                    f"{type(self.guide).__name__})."
+                )
             if self.distributed and not isinstance(self._family, DiagonalFamily):
                 raise NotImplementedError(
                     f"distributed=True supports AutoNormal and AutoDiagonalNormal guides (got "

@@ -154,7 +154,11 @@ def _fit_linear_regression(num_steps, **kwargs):
     svi = ScoreProximalSVI(model, guide, **kwargs)
     for _ in range(num_steps):
         svi.step(x, y)
-    loc, scale = _flat_diagonal(guide)  # sites in order w, b
+    if svi.average_after is None:
+        loc, scale = _flat_diagonal(guide)  # sites in order w, b
+    else:
+        with svi.averaged():
+            loc, scale = _flat_diagonal(guide)
     mean_error = ((loc.double() - post_mean) / post_sd).abs().max().item()
     var_error = (scale.double().square() / mean_field_var - 1).abs().max().item()
     return mean_error, var_error
@@ -184,16 +188,23 @@ def test_minibatch_linear_regression():
     assert mean_error < 0.75
 
 
+def test_minibatch_linear_regression_with_iterate_averaging():
+    # Polyak-Ruppert averaging of the iterates after 500 steps, one alternation (no variance
+    # shrinkage under subsampling, see docs/algorithm_sweeps.md), constant lambda = 100.
+    # Measured (seeds 0-4): max mean error 0.08-0.22 sd at 4000 steps, 0.07-0.15 at 6000,
+    # variance errors 2-4%. The averaged mean error falls like sqrt(N / (B T)): the bound
+    # here is 0.25 sd; the issue's 0.1 sd is asserted in the slow test below.
+    mean_error, var_error = _fit_linear_regression(6000, num_alternations=1, average_after=500)
+    assert var_error < 0.25
+    assert mean_error < 0.25
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="issue target (means within 0.1 posterior sd at N/B = 31) not reliably met: measured "
-    "0.06-0.15 sd after 20000 steps (seeds 0, 1); needs iterate averaging or a better schedule",
-    strict=False,
-)
 def test_minibatch_linear_regression_issue_target():
-    mean_error, var_error = _fit_linear_regression(
-        20000, prox_weight=PolynomialGrowth(20.0, 100.0, 1.0)
-    )
+    # The issue's targets (means within 0.1 posterior sd, variances within 25%) at N/B = 31:
+    # averaging over ~20000 steps (~650 passes over the data) brings the worst coordinate's
+    # Monte Carlo error to ~0.05 sd.
+    mean_error, var_error = _fit_linear_regression(20000, num_alternations=1, average_after=1000)
     assert var_error < 0.25
     assert mean_error < 0.1
 

@@ -366,3 +366,41 @@ def test_antithetic_and_particle_counts_fit(antithetic, num_particles):
     loc, sd = pyro.param("AutoNormal.locs.loc").item(), pyro.param("AutoNormal.scales.loc").item()
     assert abs(loc - post_mean) < 0.1 * post_sd
     assert sd == pytest.approx(post_sd, rel=0.1)
+
+
+def test_averaged_context_swaps_in_the_running_mean_and_restores():
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(y), subsample_size=5):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y[:5])
+
+    y = torch.randn(50) + 1.0
+    guide = AutoNormal(model)
+    svi = ScoreProximalSVI(model, guide, average_after=3)
+    svi.step(y)
+    with pytest.raises(ValueError, match="no averaged iterates yet"):
+        with svi.averaged():
+            pass
+    history = []
+    for _ in range(6):
+        svi.step(y)
+        history.append(guide._get_loc_and_scale("mu")[0].detach().clone())
+    assert svi.num_averaged == 4  # steps 4..7 are averaged (identity tier)
+    current = guide._get_loc_and_scale("mu")[0].detach().clone()
+    with svi.averaged():
+        averaged = pyro.get_param_store()["AutoNormal.locs.mu"].detach().clone()
+    assert torch.allclose(averaged, torch.stack(history[-4:]).mean(0), atol=1e-6)
+    assert torch.equal(pyro.get_param_store()["AutoNormal.locs.mu"].detach(), current)
+    state = svi.state_dict()
+    resumed = ScoreProximalSVI(model, guide, average_after=3)
+    resumed.load_state_dict(state)
+    with resumed.averaged():
+        assert torch.allclose(pyro.get_param_store()["AutoNormal.locs.mu"], averaged)
+
+
+def test_average_after_is_validated():
+    def model():
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="average_after >= 0"):
+        ScoreProximalSVI(model, AutoNormal(model), average_after=-1)
