@@ -171,8 +171,9 @@ class DiagonalFamily:
 class GaussianFamily:
     """A full-rank or low-rank Gaussian autoguide over the flat unconstrained latent.
 
-    ``posterior()`` rebuilds :math:`q_\\phi` from the param store with gradients to the
-    unconstrained parameter leaves (returned by ``params()``), as the guide's own forward does.
+    :meth:`posterior_and_params` rebuilds :math:`q_\\phi` from the param store with gradients
+    to the unconstrained parameter leaves (which it also returns), as the guide's own forward
+    does.
     """
 
     def __init__(self, guide: AutoContinuous):

@@ -47,7 +47,7 @@ class LogJoint:
         args: tuple,
         kwargs: dict,
         subsample: Mapping[str, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
         """Evaluates :math:`\\log\\hat p(\\theta)` at one particle.
 
         Args:
