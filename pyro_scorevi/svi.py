@@ -254,7 +254,8 @@ class ScoreProximalSVI:
 
         Inside it ``Predictive``, ``guide.median()`` etc. see :math:`\\bar m` and
         :math:`\\bar s = (\\overline{s^2})^{1/2}`; on exit the current iterate is restored, so
-        training can go on. To keep the averages, save the param store inside the context.
+        training can go on. The guide's tensors are updated in place, so copy (``.clone()``)
+        what you read inside; to keep the averages, save the param store inside the context.
 
         Example:
             >>> svi = ScoreProximalSVI(model, guide, average_after=500)  # doctest: +SKIP
