@@ -128,9 +128,11 @@ class DiagonalFamily:
 
     def _leaves(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The unconstrained param-store leaves, looked up each time (the store may be reloaded)."""
-        store = pyro.get_param_store()
-        locs = [store[loc].unconstrained() for loc, _ in self._names]
-        scales = [store[scale].unconstrained() for _, scale in self._names]
+        # named_parameters() is the store's own name -> unconstrained-leaf view: no transform
+        # is evaluated on this hot path (store[name] would compute each constrained value).
+        leaves = dict(pyro.get_param_store().named_parameters())
+        locs = [leaves[loc] for loc, _ in self._names]
+        scales = [leaves[scale] for _, scale in self._names]
         return locs, scales
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
