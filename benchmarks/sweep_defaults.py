@@ -40,12 +40,13 @@ WEIGHTS = {
 PARTICLES = (1, 2, 4)
 
 
-def run_mlp(weight, particles, budget, seed, data, alternations=2):
-    x_tr, y_tr, x_te, y_te = data
+def _fit(make_model, args, *, init_scale, weight, particles, budget, seed, alternations):
+    """Seeds, builds the model (``make_model()``) and its AutoNormal guide, and spends ``budget``
+    gradient evaluations of ScoreProximalSVI on it. Returns ``(model, guide)``."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    model = BayesianMLP(64, 64)
-    guide = AutoNormal(model, init_scale=0.05)
+    model = make_model()
+    guide = AutoNormal(model, init_scale=init_scale)
     svi = ScoreProximalSVI(
         model,
         guide,
@@ -54,7 +55,22 @@ def run_mlp(weight, particles, budget, seed, data, alternations=2):
         num_alternations=alternations,
     )
     for _ in range(budget // particles):
-        svi.step(x_tr, y_tr)
+        svi.step(*args)
+    return model, guide
+
+
+def run_mlp(weight, particles, budget, seed, data, alternations=2):
+    x_tr, y_tr, x_te, y_te = data
+    model, guide = _fit(
+        lambda: BayesianMLP(64, 64),
+        (x_tr, y_tr),
+        init_scale=0.05,
+        weight=weight,
+        particles=particles,
+        budget=budget,
+        seed=seed,
+        alternations=alternations,
+    )
     m = evaluate(model, guide, x_te, y_te)
     return {"NLL": m["nll"], "acc": m["accuracy"], "ECE": m["ece"]}
 
@@ -78,18 +94,16 @@ def run_linreg(weight, particles, budget, seed, data, alternations=2, batch=32):
         with pyro.plate("data", x.shape[0], subsample_size=batch) as idx:
             pyro.sample("y", dist.Normal(x[idx] @ w, 1.0), obs=y[idx])
 
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    guide = AutoNormal(model, init_scale=0.01)
-    svi = ScoreProximalSVI(
-        model,
-        guide,
-        num_particles=particles,
-        prox_weight=weight,
-        num_alternations=alternations,
+    _, guide = _fit(
+        lambda: model,
+        (x, y),
+        init_scale=0.01,
+        weight=weight,
+        particles=particles,
+        budget=budget,
+        seed=seed,
+        alternations=alternations,
     )
-    for _ in range(budget // particles):
-        svi.step(x, y)
     loc, scale = guide._get_loc_and_scale("w")
     post_sd = precision.inverse().diagonal().sqrt()
     mf_var = 1 / precision.diagonal()
@@ -106,18 +120,16 @@ def run_gauss(weight, particles, budget, seed, data, alternations=2):
     def model():
         pyro.sample("x", dist.MultivariateNormal(mu, precision_matrix=precision))
 
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    guide = AutoNormal(model, init_scale=1.0)
-    svi = ScoreProximalSVI(
-        model,
-        guide,
-        num_particles=particles,
-        prox_weight=weight,
-        num_alternations=alternations,
+    _, guide = _fit(
+        lambda: model,
+        (),
+        init_scale=1.0,
+        weight=weight,
+        particles=particles,
+        budget=budget,
+        seed=seed,
+        alternations=alternations,
     )
-    for _ in range(budget // particles):
-        svi.step()
     loc, scale = guide._get_loc_and_scale("x")
     mf_sd = precision.diagonal().rsqrt()
     return {
