@@ -88,7 +88,11 @@ def solve_precision(
     :math:`p = (-b + \\sqrt{b^2 + 4wA\\lambda}) / (4wA)` otherwise.
     """
     w = frozen_scale.square()
-    a = stats.mean_sq_offset - 2 * shift * stats.mean_offset + shift.square()
+    # A = variance of the offsets + (mean offset - d)^2: two non-negative terms. The expanded
+    # form mean(delta^2) - 2 d mean(delta) + d^2 cancels to a negative A (hence NaN) when the mean
+    # step d reproduces a single particle's offset (S = 1).
+    spread = (stats.mean_sq_offset - stats.mean_offset.square()).clamp_min(0)
+    a = spread + (stats.mean_offset - shift).square()
     c_cross = stats.mean_offset_score - shift * stats.mean_score
     b = 2 * w * c_cross + 0.5 * prox_weight * (w + shift.square())
     # sqrt(b^2 + 4wA lambda) as a hypot: b^2 overflows float32 once |b| > 1.8e19, which a large

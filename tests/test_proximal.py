@@ -228,6 +228,30 @@ def test_naive_root_would_fail_where_the_stable_root_does_not():
     assert (p > 0).all() and torch.isfinite(p).all()
 
 
+def test_one_particle_second_alternation_stays_finite_when_the_mean_step_matches_the_offset():
+    # Found on a ViT at S = 1 (float32): the first mean step d reproduces the particle's offset
+    # delta almost exactly, so A = (delta - d)^2 is tiny and its expanded form
+    # delta^2 - 2 d delta + d^2 rounds below zero; sqrt(A) was NaN and the step was rejected.
+    scale = torch.tensor([0.048534609377384186])
+    offsets = torch.tensor([[-0.004070227965712547]])
+    scores = torch.tensor([[-86.3935546875]])
+    stats = score_statistics(offsets, scores)
+    loc = torch.zeros(1)
+    new_loc, new_scale = diagonal_proximal_update(loc, scale, stats, 100.0, num_alternations=2)
+    assert torch.isfinite(new_loc).all() and torch.isfinite(new_scale).all()
+    assert (new_scale > 0).all()
+    # The same inputs in float64 give the same step (the float32 answer is not a fluke).
+    ref_loc, ref_scale = diagonal_proximal_update(
+        loc.double(), scale.double(), ScoreStatistics(*(t.double() for t in stats)), 100.0
+    )
+    assert torch.allclose(new_loc.double(), ref_loc, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(new_scale.double(), ref_scale, rtol=1e-4)
+    # and the expanded form does go negative on some mean step near the offset
+    shifts = offsets[0] + torch.linspace(-1e-6, 1e-6, 201)
+    expanded = stats.mean_sq_offset - 2 * shifts * stats.mean_offset + shifts.square()
+    assert (expanded < 0).any()
+
+
 def _exact_gaussian_stats(m, s, mu, prec):
     """E_q of the four statistics for q = N(m, diag s^2), target N(mu, prec^-1), exact scores:
     E[delta] = 0, E[delta^2] = s^2, E[delta_j g_j] = -prec_jj s_j^2, E[g] = -prec (m - mu)."""

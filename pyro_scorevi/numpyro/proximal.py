@@ -92,7 +92,10 @@ def solve_precision(
     :math:`p = (-b + \\sqrt{b^2 + 4wA\\lambda}) / (4wA)` otherwise.
     """
     w = jnp.square(frozen_scale)
-    a = stats.mean_sq_offset - 2 * shift * stats.mean_offset + jnp.square(shift)
+    # A = variance of the offsets + (mean offset - d)^2, both non-negative (the expanded form
+    # cancels to a negative A when the mean step reproduces a single particle's offset, S = 1).
+    spread = jnp.maximum(stats.mean_sq_offset - jnp.square(stats.mean_offset), 0)
+    a = spread + jnp.square(stats.mean_offset - shift)
     c_cross = stats.mean_offset_score - shift * stats.mean_score
     b = 2 * w * c_cross + 0.5 * prox_weight * (w + jnp.square(shift))
     disc = jnp.sqrt(jnp.square(b) + 4 * w * a * prox_weight)

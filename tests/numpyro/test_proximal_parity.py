@@ -86,3 +86,23 @@ def test_solve_precision_and_mean_parity_both_branches():
 
 def test_x64_does_not_leak():
     assert jnp.zeros(()).dtype == jnp.float32
+
+
+def test_one_particle_float32_step_matches_torch_and_stays_finite():
+    # The S = 1 case where the expanded A = mean(delta^2) - 2 d mean(delta) + d^2 rounds below
+    # zero in float32 (tests/test_proximal.py has the torch side): JAX must not return NaN.
+    scale = np.array([0.048534609377384186], dtype=np.float32)
+    offsets = np.array([[-0.004070227965712547]], dtype=np.float32)
+    scores = np.array([[-86.3935546875]], dtype=np.float32)
+    loc = np.zeros(1, dtype=np.float32)
+    stats_j = jax_prox.score_statistics(jnp.asarray(offsets), jnp.asarray(scores))
+    new_loc, new_scale = jax_prox.diagonal_proximal_update(
+        jnp.asarray(loc), jnp.asarray(scale), stats_j, 100.0
+    )
+    assert np.isfinite(np.asarray(new_loc)).all() and np.isfinite(np.asarray(new_scale)).all()
+    stats_t = torch_prox.score_statistics(torch.as_tensor(offsets), torch.as_tensor(scores))
+    ref_loc, ref_scale = torch_prox.diagonal_proximal_update(
+        torch.as_tensor(loc), torch.as_tensor(scale), stats_t, 100.0
+    )
+    np.testing.assert_allclose(np.asarray(new_loc), ref_loc.numpy(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(new_scale), ref_scale.numpy(), rtol=1e-4)
