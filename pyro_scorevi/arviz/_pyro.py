@@ -34,6 +34,40 @@ def _is_deterministic(site: Mapping[str, Any]) -> bool:
     return bool(site["infer"].get("_deterministic", False))
 
 
+def _event_ndim(site: Mapping[str, Any]) -> int:
+    """Event dims of a site's value. ``pyro.deterministic`` declares its whole value an event
+    (``event_dim = value.ndim``) even inside plates; there the fewest trailing axes that leave
+    every plate's axis with the plate's size are taken as the event."""
+    declared = len(site["fn"].event_shape)
+    if not _is_deterministic(site):
+        return declared
+    shape = tuple(site["value"].shape)
+    plates = [
+        (f.dim, f.size) for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None
+    ]
+    if not plates:
+        return declared
+    for event in range(len(shape) + 1):
+        batch = len(shape) - event
+        if all(-dim <= batch and shape[batch + dim] == size for dim, size in plates):
+            return event
+    return declared
+
+
+def _uncondition_observations(model: Callable) -> Callable:
+    """``pyro.poutine.uncondition`` for the observed sites only: ``pyro.deterministic`` sites
+    (observed ``Delta`` sites in Pyro) keep their computed value. Unconditioning those too makes
+    ``Predictive`` redraw a ``Delta`` whose batch shape no longer matches its plate."""
+    from pyro.poutine.uncondition_messenger import UnconditionMessenger
+
+    class _UnconditionObservations(UnconditionMessenger):
+        def _pyro_sample(self, msg) -> None:
+            if not _is_deterministic(msg):
+                super()._pyro_sample(msg)
+
+    return _UnconditionObservations()(model)
+
+
 def _numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy()
 
@@ -61,7 +95,8 @@ def from_pyro_guide(
     - ``posterior``: every latent site of the model and every ``pyro.deterministic`` site;
       its attributes carry the hyper-parameters and ``inference_library``/``guide`` names;
     - ``posterior_predictive``: the observed sites redrawn at each :math:`\theta_s` by
-      ``pyro.infer.Predictive`` on ``pyro.poutine.uncondition(model)``;
+      ``pyro.infer.Predictive`` on ``pyro.poutine.uncondition(model)`` (deterministic sites
+      stay deterministic);
     - ``log_likelihood``: :math:`\log p(y_i \mid \theta_s)` per observation (for LOO);
     - ``observed_data``: the observed sites' values;
     - ``sample_stats``: ``lp`` = :math:`\log p(\theta_s, y)` and ``log_q`` =
@@ -158,7 +193,7 @@ def from_pyro_guide(
     if posterior_predictive:
         samples = {k: torch.stack(v) for k, v in latent_tensors.items()}
         predictive = Predictive(
-            poutine.uncondition(model), posterior_samples=samples, return_sites=obs_names
+            _uncondition_observations(model), posterior_samples=samples, return_sites=obs_names
         )
         with torch.no_grad():
             pred = predictive(*args, **kwargs)
@@ -171,7 +206,7 @@ def from_pyro_guide(
     for name in list(latent) + obs_names:
         site = sites[name]
         default_dims[name] = _common.site_dims(
-            name, site["value"].dim(), len(site["fn"].event_shape), _frames(site)
+            name, site["value"].dim(), _event_ndim(site), _frames(site)
         )
     all_dims = _common.merge_dims(default_dims, dims, known_vars=default_dims)
     logger.debug("from_pyro_guide: %d draws, dims %s", num_draws, all_dims)

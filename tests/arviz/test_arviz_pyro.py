@@ -232,3 +232,29 @@ def test_guide_must_cover_latents():
     pyro.clear_param_store()
     with pytest.raises(ValueError, match="model site 'b' is latent"):
         from_pyro_guide(model, guide, torch.tensor(0.3), num_draws=10)
+
+
+def regression_in_plate(x, y=None):
+    # pyro.deterministic inside the data plate: Pyro declares its whole value an event.
+    beta = pyro.sample("beta", dist.Normal(0.0, 1.0).expand([x.shape[1]]).to_event(1))
+    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+    with pyro.plate("data", x.shape[0]):
+        mu = pyro.deterministic("mu", x @ beta)
+        pyro.sample("y", dist.Normal(mu, sigma), obs=y)
+
+
+def test_deterministic_inside_a_plate(azh):
+    torch.manual_seed(0)
+    x = torch.randn(N, P)
+    y = x @ torch.tensor([1.0, -0.5, 0.3]) + 0.5 * torch.randn(N)
+    guide, svi, _ = fit(regression_in_plate, x, y, steps=300)
+    data = from_pyro_guide(regression_in_plate, guide, x, y, num_draws=200)
+    post, pred = azh.group(data, "posterior"), azh.group(data, "posterior_predictive")
+    assert post["mu"].dims == ("chain", "draw", "data")
+    assert pred["y"].dims == ("chain", "draw", "data") and pred["y"].shape == (1, 200, N)
+    # mu is the deterministic function of each draw, not a redrawn or broadcast value ...
+    expected = np.einsum("np,cdp->cdn", x.numpy(), post["beta"].values)
+    np.testing.assert_allclose(post["mu"].values, expected, rtol=1e-5, atol=1e-5)
+    # ... and y is redrawn around it with the posterior noise scale.
+    resid = (pred["y"].values - post["mu"].values).std()
+    assert 0.5 * post["sigma"].values.mean() < resid < 2.0 * post["sigma"].values.mean()
