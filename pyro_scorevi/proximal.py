@@ -77,6 +77,7 @@ def solve_precision(
     shift: torch.Tensor,
     stats: ScoreStatistics,
     prox_weight: float,
+    scale_prox_weight: float | None = None,
 ) -> torch.Tensor:
     """Minimises the proximal objective over the precision :math:`p` for a fixed mean.
 
@@ -86,7 +87,12 @@ def solve_precision(
     :math:`b = 2wC + \\lambda c / 2`. Its positive root is taken in the form that does not
     cancel: :math:`p = \\lambda / (b + \\sqrt{b^2 + 4wA\\lambda})` for :math:`b > 0` and
     :math:`p = (-b + \\sqrt{b^2 + 4wA\\lambda}) / (4wA)` otherwise.
+
+    With a separate ``scale_prox_weight`` :math:`\\lambda_s` (see
+    :func:`diagonal_proximal_update`), :math:`b = 2wC + (\\lambda_s w + \\lambda d^2)/2` and
+    :math:`\\lambda_s` replaces :math:`\\lambda` in the root.
     """
+    lam_s = prox_weight if scale_prox_weight is None else scale_prox_weight
     w = frozen_scale.square()
     # A = variance of the offsets + (mean offset - d)^2: two non-negative terms. The expanded
     # form mean(delta^2) - 2 d mean(delta) + d^2 cancels to a negative A (hence NaN) when the mean
@@ -94,14 +100,14 @@ def solve_precision(
     spread = (stats.mean_sq_offset - stats.mean_offset.square()).clamp_min(0)
     a = spread + (stats.mean_offset - shift).square()
     c_cross = stats.mean_offset_score - shift * stats.mean_score
-    b = 2 * w * c_cross + 0.5 * prox_weight * (w + shift.square())
+    b = 2 * w * c_cross + 0.5 * (lam_s * w + prox_weight * shift.square())
     # sqrt(b^2 + 4wA lambda) as a hypot: b^2 overflows float32 once |b| > 1.8e19, which a large
     # mean shift (tiny lambda, huge scores) reaches in the second alternation.
-    disc = torch.hypot(b, 2 * frozen_scale * torch.sqrt(a) * prox_weight**0.5)
+    disc = torch.hypot(b, 2 * frozen_scale * torch.sqrt(a) * lam_s**0.5)
     # Both branches are evaluated; torch.where picks the stable one. ``4 w A`` is clamped away
     # from zero only to keep the unused branch finite (A = 0 has probability zero).
     four_wa = (4 * w * a).clamp_min(torch.finfo(w.dtype).tiny)
-    return torch.where(b > 0, prox_weight / (b + disc), (disc - b) / four_wa)
+    return torch.where(b > 0, lam_s / (b + disc), (disc - b) / four_wa)
 
 
 def solve_mean(
@@ -131,6 +137,7 @@ def diagonal_proximal_update(
     stats: ScoreStatistics,
     prox_weight: float,
     num_alternations: int = 2,
+    scale_prox_weight: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One closed-form proximal step of a diagonal Gaussian :math:`\\mathcal N(m_t, s_t^2)`.
 
@@ -148,6 +155,13 @@ def diagonal_proximal_update(
         prox_weight: :math:`\\lambda > 0`, the weight of :math:`\\mathrm{KL}(q_t\\Vert q)`; an
             inverse step size.
         num_alternations: number of (precision, mean) alternations, at least 1.
+        scale_prox_weight: :math:`\\lambda_s`, a separate weight for the scale part of the
+            KL; ``None`` (the default, the paper's step) uses ``prox_weight``. The KL splits as
+            :math:`\\tfrac12\\sum_j p_j d_j^2` (mean part, weighted by :math:`\\lambda`) plus
+            :math:`\\tfrac12\\sum_j (p_j s_{t,j}^2 - \\log p_j s_{t,j}^2 - 1)` (scale part,
+            weighted by :math:`\\lambda_s`): a large :math:`\\lambda_s` moves the scales slowly
+            while the means take steps of size :math:`\\approx 2 s^2 \\hat g/\\lambda`. Fixed
+            points with exact scores do not depend on either weight.
 
     Returns:
         ``(new_loc, new_scale)``, the minimiser :math:`(m_{t+1}, s_{t+1})`.
@@ -155,6 +169,6 @@ def diagonal_proximal_update(
     new_loc = loc
     precision = scale.new_ones(())
     for _ in range(num_alternations):
-        precision = solve_precision(scale, new_loc - loc, stats, prox_weight)
+        precision = solve_precision(scale, new_loc - loc, stats, prox_weight, scale_prox_weight)
         new_loc = solve_mean(loc, scale, precision, stats, prox_weight)
     return new_loc, precision.rsqrt()

@@ -69,15 +69,16 @@ class PolynomialGrowth:
 ProxWeight = Union[float, Callable[[Any], Any]]
 
 
-def as_schedule(prox_weight: ProxWeight) -> Callable[[Any], Any]:
-    """Turns a positive number into :class:`ConstantWeight`; passes a callable through."""
+def as_schedule(prox_weight: ProxWeight, name: str = "prox_weight") -> Callable[[Any], Any]:
+    """Turns a positive number into :class:`ConstantWeight`; passes a callable through.
+    ``name`` is the argument named in the error."""
     if callable(prox_weight):
         return prox_weight
     if isinstance(prox_weight, bool) or not isinstance(prox_weight, (int, float)):
         raise TypeError(
-            f"prox_weight must be a positive float or a callable step -> weight (got "
-            f"{type(prox_weight).__name__} {prox_weight!r}); e.g. prox_weight=100.0 or "
-            "prox_weight=pyro_scorevi.schedules.PolynomialGrowth(100.0, 1000)."
+            f"{name} must be a positive float or a callable step -> weight (got "
+            f"{type(prox_weight).__name__} {prox_weight!r}); e.g. {name}=100.0 or "
+            f"{name}=pyro_scorevi.schedules.PolynomialGrowth(100.0, 1000)."
         )
     return ConstantWeight(float(prox_weight))
 

@@ -67,6 +67,12 @@ class ScoreProximalSVI:
         prox_weight: :math:`\\lambda`, the weight of :math:`\\mathrm{KL}(q_t\\Vert q)` (an
             inverse step size), or a schedule ``step -> lambda`` such as
             :class:`~pyro_scorevi.schedules.PolynomialGrowth`.
+        scale_prox_weight: :math:`\\lambda_s`, a separate weight (or schedule) for the scale
+            part of the KL, for diagonal guides. ``None`` (default): ``prox_weight``, the
+            paper's step. A large value (e.g. ``1e3`` with ``prox_weight=3``) moves the scales
+            slowly while the means take larger steps, which lets networks trained from
+            scratch (transformers) fit their means before the scales grow towards the prior
+            (``docs/pitfalls.md``). Fixed points with exact scores are the same.
         antithetic: draw particles in pairs :math:`m \\pm s\\varepsilon` that share one
             mini-batch (an odd last particle is drawn plainly).
         num_alternations: (precision, mean) alternations of the closed-form step.
@@ -118,6 +124,7 @@ class ScoreProximalSVI:
         *,
         num_particles: int = defaults.NUM_PARTICLES,
         prox_weight: ProxWeight = defaults.PROX_WEIGHT,
+        scale_prox_weight: ProxWeight | None = None,
         antithetic: bool = defaults.ANTITHETIC,
         num_alternations: int = defaults.NUM_ALTERNATIONS,
         inner_optim: PyroOptim | None = None,
@@ -135,16 +142,9 @@ class ScoreProximalSVI:
                     f"{name} must be a pyro.optim optimiser such as pyro.optim.Adam({{'lr': "
                     f"1e-2}}) or None (got {type(value).__name__})."
                 )
-        if (
-            isinstance(prox_weight, (int, float))
-            and not isinstance(prox_weight, bool)
-            and not prox_weight > 0
-        ):
-            raise ValueError(
-                f"prox_weight must satisfy prox_weight > 0 (got prox_weight = {prox_weight!r}); "
-                "e.g. prox_weight=100.0 or a schedule such as "
-                "pyro_scorevi.PolynomialGrowth(100.0, 1000)."
-            )
+        _check_weight("prox_weight", prox_weight)
+        if scale_prox_weight is not None:
+            _check_weight("scale_prox_weight", scale_prox_weight)
         _check_int("num_particles", num_particles, 1)
         _check_int("num_alternations", num_alternations, 1)
         _check_int("num_inner_steps", num_inner_steps, 2)
@@ -163,6 +163,11 @@ class ScoreProximalSVI:
         self.optim = optim
         self.num_particles = num_particles
         self.prox_weight = as_schedule(prox_weight)
+        self.scale_prox_weight = (
+            None
+            if scale_prox_weight is None
+            else as_schedule(scale_prox_weight, "scale_prox_weight")
+        )
         self.antithetic = antithetic
         self.num_alternations = num_alternations
         self.inner_optim = inner_optim or pyro.optim.Adam({"lr": defaults.INNER_LR})
@@ -195,7 +200,7 @@ class ScoreProximalSVI:
         if isinstance(family, DiagonalFamily):
             loss, ok = self._diagonal_step(family, weight, args, kwargs)
         else:
-            loss, ok = self._gaussian_step(family, weight, args, kwargs)
+            loss, ok = self._gaussian_step(family, weight[0], args, kwargs)
         if ok:
             self.num_steps += 1
         else:
@@ -286,7 +291,7 @@ class ScoreProximalSVI:
 
     # ------------------------------------------------------------------ the two steps
 
-    def _diagonal_step(self, family: DiagonalFamily, weight: float, args, kwargs):
+    def _diagonal_step(self, family: DiagonalFamily, weight: tuple[float, float], args, kwargs):
         loc, scale = family.read()
         weight = torch.as_tensor(weight, dtype=loc.dtype, device=loc.device)
         new_loc, new_scale, loss, finite, params, param_grads = self._diagonal_core(
@@ -359,6 +364,11 @@ class ScoreProximalSVI:
                     f"average_after supports AutoNormal and AutoDiagonalNormal guides (got "
                     f"{type(self.guide).__name__})."
                 )
+            if self.scale_prox_weight is not None and not isinstance(self._family, DiagonalFamily):
+                raise NotImplementedError(
+                    f"scale_prox_weight supports AutoNormal and AutoDiagonalNormal guides (got "
+                    f"{type(self.guide).__name__}); leave it None for full- and low-rank guides."
+                )
             if self.distributed and not isinstance(self._family, DiagonalFamily):
                 raise NotImplementedError(
                     f"distributed=True supports AutoNormal and AutoDiagonalNormal guides (got "
@@ -387,14 +397,22 @@ class ScoreProximalSVI:
             )
         return self._family
 
-    def _current_weight(self) -> float:
-        weight = float(self.prox_weight(self.num_steps))
-        if not weight > 0:
-            raise ValueError(
-                f"prox_weight must be positive at every step (got {weight!r} at step "
-                f"{self.num_steps}); check the schedule passed as prox_weight."
-            )
-        return weight
+    def _current_weight(self) -> tuple[float, float]:
+        """``(lambda, lambda_s)`` at this step."""
+        weights = []
+        for name in ("prox_weight", "scale_prox_weight"):
+            schedule = getattr(self, name)
+            if schedule is None:  # scale_prox_weight=None: the paper's single weight
+                weights.append(weights[0])
+                continue
+            weight = float(schedule(self.num_steps))
+            if not weight > 0:
+                raise ValueError(
+                    f"{name} must be positive at every step (got {weight!r} at step "
+                    f"{self.num_steps}); check the schedule passed as {name}."
+                )
+            weights.append(weight)
+        return weights[0], weights[1]
 
     def _step_model_params(self, params, grads, num_particles: int) -> None:
         if not params:
@@ -463,7 +481,9 @@ def diagonal_core(
     if reduce is not None:
         sums, total = reduce(sums, total)
     stats = ScoreStatistics(*(sums / num_particles).unbind())
-    new_loc, new_scale = diagonal_proximal_update(loc, scale, stats, weight, num_alternations)
+    new_loc, new_scale = diagonal_proximal_update(
+        loc, scale, stats, weight[0], num_alternations, scale_prox_weight=weight[1]
+    )
     loss = -(total / num_particles + family.entropy(scale))
     finite = (
         torch.isfinite(loss)
@@ -571,6 +591,14 @@ def _accumulate(total, grads):
 
 def _all_finite(tensors) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _check_weight(name: str, value: Any) -> None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not value > 0:
+        raise ValueError(
+            f"{name} must satisfy {name} > 0 (got {name} = {value!r}); e.g. {name}=100.0 or "
+            "a schedule such as pyro_scorevi.PolynomialGrowth(100.0, 1000)."
+        )
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

@@ -46,22 +46,29 @@ def data():
     return x, y
 
 
-def fit(guide_cls, fast_path, steps=30):
+def fit(guide_cls, fast_path, steps=30, **hyperparameters):
     pyro.clear_param_store()
     pyro.set_rng_seed(1)
     model = Net()
     guide = guide_cls(model)
-    svi = ScoreProximalSVI(model, guide, fast_path=fast_path)
+    svi = ScoreProximalSVI(model, guide, fast_path=fast_path, **hyperparameters)
     x, y = data()
     losses = [svi.step(x, y) for _ in range(steps)]
     params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
     return losses, params, svi
 
 
-@pytest.mark.parametrize("guide_cls", [AutoNormal, AutoDiagonalNormal])
-def test_traced_step_equals_eager_step(guide_cls):
-    eager_losses, eager, _ = fit(guide_cls, False)
-    traced_losses, traced, svi = fit(guide_cls, True)
+@pytest.mark.parametrize(
+    "guide_cls, hyperparameters",
+    [
+        (AutoNormal, {}),
+        (AutoDiagonalNormal, {}),
+        (AutoNormal, {"prox_weight": 10.0, "scale_prox_weight": 1e3}),
+    ],
+)
+def test_traced_step_equals_eager_step(guide_cls, hyperparameters):
+    eager_losses, eager, _ = fit(guide_cls, False, **hyperparameters)
+    traced_losses, traced, svi = fit(guide_cls, True, **hyperparameters)
     assert len(svi._diagonal_core._graphs) == 1  # the graph was built and kept
     # Same ATen operations on the same random numbers: identical up to float reassociation
     # (identity tier).

@@ -32,12 +32,15 @@ IDENTITY_TOL = 1e-6  # identities, float64
 HAND_DERIVED_TOL = 1e-4  # against hand derivations / brute-force numerical minimisation
 
 
-def _objective(m, p, loc, scale, thetas, scores, lam):
-    """L(m, p) per coordinate, from the particles (no sufficient statistics)."""
+def _objective(m, p, loc, scale, thetas, scores, lam, lam_s=None):
+    """L(m, p) per coordinate, from the particles (no sufficient statistics); ``lam_s``
+    weights the scale part of the KL separately."""
+    lam_s = lam if lam_s is None else lam_s
     w = scale.square()
     fisher = (w * (p * (thetas - m) + scores).square()).mean(0)
-    kl = 0.5 * (-torch.log(p * w) + p * (w + (loc - m).square()) - 1)
-    return fisher + lam * kl
+    kl_mean = 0.5 * p * (loc - m).square()
+    kl_scale = 0.5 * (-torch.log(p * w) + p * w - 1)
+    return fisher + lam * kl_mean + lam_s * kl_scale
 
 
 def _particles(d, num_particles, seed, dtype=torch.float64):
@@ -115,7 +118,7 @@ def test_mean_solves_dl_dm_for_fixed_precision():
     assert grad.abs().max() < IDENTITY_TOL
 
 
-def _brute_force_minimiser(loc, scale, thetas, scores, lam):
+def _brute_force_minimiser(loc, scale, thetas, scores, lam, lam_s=None):
     """Joint minimiser of L over (m, log p) by float64 L-BFGS, all coordinates at once (the
     objective is a sum of independent per-coordinate terms)."""
     m = loc.clone().requires_grad_()
@@ -131,7 +134,7 @@ def _brute_force_minimiser(loc, scale, thetas, scores, lam):
 
     def closure():
         opt.zero_grad()
-        loss = _objective(m, log_p.exp(), loc, scale, thetas, scores, lam).sum()
+        loss = _objective(m, log_p.exp(), loc, scale, thetas, scores, lam, lam_s).sum()
         loss.backward()
         return loss
 
@@ -154,6 +157,38 @@ def test_alternation_reaches_the_joint_minimiser(lam, num_particles):
     l_alt = _objective(new_loc, new_scale.pow(-2), loc, scale, thetas, scores, lam)
     l_star = _objective(m_star, p_star, loc, scale, thetas, scores, lam)
     assert (l_alt - l_star).max() < HAND_DERIVED_TOL * l_star.abs().max()
+
+
+@pytest.mark.parametrize(("lam", "lam_s"), [(3.0, 1e4), (100.0, 1.0), (10.0, 10.0)])
+def test_split_weights_reach_the_joint_minimiser_of_the_split_objective(lam, lam_s):
+    loc, scale, offsets, thetas, scores = _particles(20, 2, seed=11)
+    stats = score_statistics(offsets, scores)
+    m_star, p_star = _brute_force_minimiser(loc, scale, thetas, scores, lam, lam_s)
+    new_loc, new_scale = diagonal_proximal_update(
+        loc, scale, stats, lam, num_alternations=100, scale_prox_weight=lam_s
+    )
+    assert ((new_loc - m_star) / scale).abs().max() < HAND_DERIVED_TOL
+    assert (new_scale.pow(-2) / p_star - 1).abs().max() < HAND_DERIVED_TOL
+
+
+def test_scale_prox_weight_none_or_equal_is_the_paper_step():
+    loc, scale, offsets, _, scores = _particles(30, 2, seed=12)
+    stats = score_statistics(offsets, scores)
+    base = diagonal_proximal_update(loc, scale, stats, 50.0)
+    same = diagonal_proximal_update(loc, scale, stats, 50.0, scale_prox_weight=50.0)
+    for a, b in zip(base, same):
+        assert torch.equal(a, b)
+
+
+def test_large_scale_prox_weight_holds_the_scale_and_moves_the_mean():
+    # lambda_s -> inf freezes s at s_t while the mean still takes its lambda-sized step.
+    loc, scale, offsets, _, scores = _particles(30, 2, seed=13)
+    stats = score_statistics(offsets, scores)
+    m_paper, s_paper = diagonal_proximal_update(loc, scale, stats, 5.0)
+    m_split, s_split = diagonal_proximal_update(loc, scale, stats, 5.0, scale_prox_weight=1e9)
+    assert (s_split / scale - 1).abs().max() < 1e-6
+    assert (s_paper / scale - 1).abs().max() > 1e-2
+    assert ((m_split - loc) / scale).abs().max() > 1e-2
 
 
 def test_each_alternation_lowers_the_objective():

@@ -283,6 +283,9 @@ def _simple_model():
         ({"prox_weight": float("nan")}, ValueError, "prox_weight"),
         ({"prox_weight": "a"}, TypeError, "prox_weight"),
         ({"prox_weight": True}, TypeError, "prox_weight"),
+        ({"scale_prox_weight": 0}, ValueError, "scale_prox_weight > 0"),
+        ({"scale_prox_weight": float("nan")}, ValueError, "scale_prox_weight"),
+        ({"scale_prox_weight": "a"}, TypeError, "scale_prox_weight"),
         ({"num_alternations": 0}, ValueError, "num_alternations"),
         ({"num_inner_steps": 1}, ValueError, "num_inner_steps"),
         ({"optim": torch.optim.Adam}, TypeError, "optim"),
@@ -301,6 +304,23 @@ def test_bad_arguments_fail_at_construction():
         ScoreProximalSVI(_simple_model, AutoNormal(_simple_model), num_particles=0)
     with pytest.raises(TypeError, match=SUPPORTED):
         ScoreProximalSVI(_simple_model, AutoDelta(_simple_model))
+
+
+def test_scale_schedule_that_goes_non_positive_is_an_error_naming_it():
+    svi = ScoreProximalSVI(
+        _simple_model, AutoNormal(_simple_model), scale_prox_weight=lambda t: 1.0 - t
+    )
+    svi.step()
+    with pytest.raises(ValueError, match="scale_prox_weight must be positive"):
+        svi.step()
+
+
+def test_scale_prox_weight_is_for_diagonal_guides():
+    svi = ScoreProximalSVI(
+        _simple_model, AutoMultivariateNormal(_simple_model), scale_prox_weight=1e3
+    )
+    with pytest.raises(NotImplementedError, match="scale_prox_weight supports AutoNormal"):
+        svi.step()
 
 
 def test_schedule_that_goes_non_positive_is_an_error_naming_prox_weight():

@@ -36,6 +36,7 @@ KHAT_THRESHOLD = 0.7
 _KNOWN_HYPERPARAMETERS = (
     "num_particles",
     "prox_weight",
+    "scale_prox_weight",
     "antithetic",
     "num_alternations",
     "num_inner_steps",

@@ -118,6 +118,8 @@ class ScoreProximalConfig:
             particle is drawn plainly, as in the Pyro class).
         prox_weight: :math:`\\lambda > 0`, or a callable ``step -> weight`` such as
             :class:`pyro_scorevi.schedules.PolynomialGrowth`.
+        scale_prox_weight: :math:`\\lambda_s`, a separate weight (or schedule) for the scale
+            part of the KL (diagonal guides); ``None``: ``prox_weight``, the paper's step.
         antithetic: draw particles in pairs :math:`m \\pm s\\varepsilon`.
         num_alternations: (precision, mean) alternations of the closed form, at least 1.
         inner_optim: optimizer of the multivariate guides' inner steps: a ``numpyro.optim``
@@ -133,6 +135,7 @@ class ScoreProximalConfig:
     num_alternations: int = defaults.NUM_ALTERNATIONS
     inner_optim: Any = None
     num_inner_steps: int = defaults.NUM_INNER_STEPS
+    scale_prox_weight: ProxWeight | None = None
 
     def __post_init__(self):
         _check_int("num_particles", self.num_particles, 1)
@@ -143,13 +146,16 @@ class ScoreProximalConfig:
                 f"antithetic must be a bool (got {type(self.antithetic).__name__} "
                 f"{self.antithetic!r}); use antithetic=True or antithetic=False."
             )
-        weight = self.prox_weight
-        if isinstance(weight, numbers.Real) and not isinstance(weight, bool) and not weight > 0:
-            raise ValueError(
-                f"prox_weight must satisfy prox_weight > 0 (got prox_weight = {weight!r}); "
-                "it is an inverse step size, e.g. prox_weight=100.0."
-            )
-        object.__setattr__(self, "prox_weight", as_schedule(weight))
+        for name in ("prox_weight", "scale_prox_weight"):
+            weight = getattr(self, name)
+            if weight is None and name == "scale_prox_weight":
+                continue
+            if isinstance(weight, numbers.Real) and not isinstance(weight, bool) and not weight > 0:
+                raise ValueError(
+                    f"{name} must satisfy {name} > 0 (got {name} = {weight!r}); it is an "
+                    f"inverse step size, e.g. {name}=100.0."
+                )
+            object.__setattr__(self, name, as_schedule(weight, name))
         object.__setattr__(self, "inner_optim", _as_numpyro_optim(self.inner_optim))
 
 
@@ -224,6 +230,11 @@ def init(
     # Weak types (Python floats) would change dtype after one step and re-trace jit/scan.
     params = jax.tree.map(lambda x: lax.convert_element_type(x, jnp.result_type(x)), params)
     family = family_of(guide)
+    if config.scale_prox_weight is not None and not family.closed_form:
+        raise NotImplementedError(
+            f"scale_prox_weight supports AutoNormal and AutoDiagonalNormal guides (got "
+            f"{type(guide).__name__}); leave it None for full- and low-rank guides."
+        )
     if family.closed_form:
         optim_state = ()
     else:
@@ -287,9 +298,9 @@ def _multivariate_particles(key, posterior, config: ScoreProximalConfig):
     return posterior.loc + eps @ posterior.scale_tril.T
 
 
-def _prox_weight(config: ScoreProximalConfig, step: jax.Array, dtype) -> jax.Array:
+def _prox_weight(config: ScoreProximalConfig, step: jax.Array, dtype, name="prox_weight"):
     # Cast so that a schedule computed in float64 never promotes float32 params (re-trace).
-    return jnp.asarray(config.prox_weight(step), dtype=dtype)
+    return jnp.asarray(getattr(config, name)(step), dtype=dtype)
 
 
 def _diagonal_step(model, family: DiagonalFamily, config, state, step_key, args, kwargs):
@@ -301,11 +312,16 @@ def _diagonal_step(model, family: DiagonalFamily, config, state, step_key, args,
     loss = -(log_p.mean() + family.entropy(scales))
     dtype = jnp.result_type(*jax.tree.leaves(locs))
     weight = _prox_weight(config, state.step, dtype)
+    scale_weight = (
+        weight
+        if config.scale_prox_weight is None
+        else _prox_weight(config, state.step, dtype, "scale_prox_weight")
+    )
     new_locs, new_scales = {}, {}
     for k in locs:
         stats = score_statistics(offsets[k], scores[k])
         new_locs[k], new_scales[k] = diagonal_proximal_update(
-            locs[k], scales[k], stats, weight, config.num_alternations
+            locs[k], scales[k], stats, weight, config.num_alternations, scale_weight
         )
     return family.with_locs_scales(state.params, new_locs, new_scales), loss
 
@@ -353,8 +369,9 @@ class ScoreProximalSVI:
         model: a NumPyro model with continuous global latents.
         guide: ``AutoNormal`` or ``AutoDiagonalNormal`` (closed-form step), or
             ``AutoMultivariateNormal`` / ``AutoLowRankMultivariateNormal`` (inner steps).
-        **hyperparameters: keyword-only ``num_particles``, ``prox_weight``, ``antithetic``,
-            ``num_alternations``, ``inner_optim`` and ``num_inner_steps``, as in the Pyro
+        **hyperparameters: keyword-only ``num_particles``, ``prox_weight``,
+            ``scale_prox_weight``, ``antithetic``, ``num_alternations``, ``inner_optim`` and
+            ``num_inner_steps``, as in the Pyro
             class; see :class:`ScoreProximalConfig`.
         static_kwargs: constant keyword arguments of the model / guide.
 
@@ -376,6 +393,7 @@ class ScoreProximalSVI:
         *,
         num_particles: int = defaults.NUM_PARTICLES,
         prox_weight: ProxWeight = defaults.PROX_WEIGHT,
+        scale_prox_weight: ProxWeight | None = None,
         antithetic: bool = defaults.ANTITHETIC,
         num_alternations: int = defaults.NUM_ALTERNATIONS,
         inner_optim: Any = None,
@@ -392,6 +410,7 @@ class ScoreProximalSVI:
             num_alternations=num_alternations,
             inner_optim=inner_optim,
             num_inner_steps=num_inner_steps,
+            scale_prox_weight=scale_prox_weight,
         )
         self.static_kwargs = static_kwargs
 

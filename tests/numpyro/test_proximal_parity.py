@@ -47,17 +47,28 @@ def test_score_statistics_parity(seed):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("prox_weight", [0.5, 100.0])
 @pytest.mark.parametrize("num_alternations", [1, 2, 3])
-def test_diagonal_proximal_update_parity(seed, prox_weight, num_alternations):
+@pytest.mark.parametrize("scale_prox_weight", [None, 1e4])
+def test_diagonal_proximal_update_parity(seed, prox_weight, num_alternations, scale_prox_weight):
     loc, scale, offsets, scores = _inputs(seed)
     with jax.enable_x64(True):
         stats_j = jax_prox.score_statistics(jnp.asarray(offsets), jnp.asarray(scores))
         new_j = jax_prox.diagonal_proximal_update(
-            jnp.asarray(loc), jnp.asarray(scale), stats_j, prox_weight, num_alternations
+            jnp.asarray(loc),
+            jnp.asarray(scale),
+            stats_j,
+            prox_weight,
+            num_alternations,
+            scale_prox_weight,
         )
         new_j = [np.asarray(x) for x in new_j]
     stats_t = torch_prox.score_statistics(torch.as_tensor(offsets), torch.as_tensor(scores))
     new_t = torch_prox.diagonal_proximal_update(
-        torch.as_tensor(loc), torch.as_tensor(scale), stats_t, prox_weight, num_alternations
+        torch.as_tensor(loc),
+        torch.as_tensor(scale),
+        stats_t,
+        prox_weight,
+        num_alternations,
+        scale_prox_weight,
     )
     for a, b in zip(new_j, new_t):
         assert np.all(np.isfinite(a))

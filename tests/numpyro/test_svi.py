@@ -60,6 +60,8 @@ DATA = random.normal(random.PRNGKey(9), (50,)) * 2.0 + 1.0
         (dict(num_particles=1.5), TypeError, "num_particles must be an int"),
         (dict(prox_weight=-1.0), ValueError, r"prox_weight > 0 \(got prox_weight = -1.0\)"),
         (dict(prox_weight="big"), TypeError, "prox_weight must be a positive float"),
+        (dict(scale_prox_weight=0.0), ValueError, r"scale_prox_weight > 0 \(got"),
+        (dict(scale_prox_weight="big"), TypeError, "scale_prox_weight must be a positive"),
         (dict(antithetic=1), TypeError, "antithetic must be a bool"),
         (dict(num_alternations=0), ValueError, "num_alternations >= 1"),
         (dict(num_inner_steps=1), ValueError, r"num_inner_steps >= 2 \(got"),
@@ -230,6 +232,29 @@ def test_dense_gaussian_diagonal_fixed_point(guide_cls):
     np.testing.assert_allclose(loc, MU, atol=1e-3)
     # Variances: Monte Carlo noise of the final iterate, measured sd ~1.5% at lambda ~ 200.
     np.testing.assert_allclose(scale**2 * jnp.diag(LAMBDA), 1.0, atol=0.06)
+
+
+def test_separate_scale_weight_keeps_the_fixed_point():
+    # The split weights change the path, not the fixed point (m = mu, s_j^2 = 1/Lambda_jj).
+    svi = ScoreProximalSVI(
+        gaussian_model,
+        AutoNormal(gaussian_model),
+        num_particles=8,
+        prox_weight=PolynomialGrowth(10.0, 100.0),
+        scale_prox_weight=PolynomialGrowth(30.0, 100.0),
+    )
+    result = svi.run(random.PRNGKey(0), 2000, progress_bar=False)
+    loc, scale = result.params["x_auto_loc"], result.params["x_auto_scale"]
+    np.testing.assert_allclose(loc, MU, atol=1e-3)
+    np.testing.assert_allclose(scale**2 * jnp.diag(LAMBDA), 1.0, atol=0.06)
+
+
+def test_separate_scale_weight_is_for_diagonal_guides():
+    svi = ScoreProximalSVI(
+        gaussian_model, AutoMultivariateNormal(gaussian_model), scale_prox_weight=10.0
+    )
+    with pytest.raises(NotImplementedError, match="scale_prox_weight supports AutoNormal"):
+        svi.init(random.PRNGKey(0))
 
 
 @pytest.mark.parametrize("guide_cls", [AutoMultivariateNormal, AutoLowRankMultivariateNormal])
