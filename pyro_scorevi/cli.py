@@ -82,7 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="particles per step for both methods (S gradient evaluations; default 2)",
     )
-    c.add_argument("--prox-weight", type=float, default=None, help="lambda (default 100)")
+    c.add_argument(
+        "--prox-weight", type=float, default=None, help="lambda (default: the problem's, 100)"
+    )
+    c.add_argument(
+        "--scale-prox-weight",
+        type=float,
+        default=None,
+        help="lambda_s, the weight of the scale part of the KL (default: the problem's, "
+        "else --prox-weight)",
+    )
     c.add_argument("--lr", type=float, default=None, help="Adam lr of the ELBO baseline (1e-2)")
     c.add_argument(
         "--eval-samples", type=int, default=100, help="posterior draws per figure (default 100)"
@@ -127,7 +136,9 @@ def _list_problems() -> int:
         print(
             f"{name.ljust(width)}  {p.description}{mark}\n{' ' * width}  "
             f"headline {p.headline}; {p.grad_evals} gradient evaluations; "
-            f"batch {p.batch_size or ('none (no data)' if p.kind == 'gaussian' else 'full')}"
+            f"batch {p.batch_size or ('none (no data)' if p.kind == 'gaussian' else 'full')}; "
+            f"init scale {p.init_scale:g}; lambda {p.prox_weight:g}"
+            + ("" if p.scale_prox_weight is None else f", lambda_s {p.scale_prox_weight:g}")
         )
     return 0
 
@@ -157,7 +168,11 @@ def _check_args(args: argparse.Namespace) -> None:
         )
     if args.seconds is not None and not (math.isfinite(args.seconds) and args.seconds > 0):
         raise UserError(f"impossible budget: --seconds must be > 0 (got {args.seconds}).")
-    for flag, value in (("--prox-weight", args.prox_weight), ("--lr", args.lr)):
+    for flag, value in (
+        ("--prox-weight", args.prox_weight),
+        ("--scale-prox-weight", args.scale_prox_weight),
+        ("--lr", args.lr),
+    ):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UserError(f"{flag} must be a positive number (got {value}).")
     if args.eval_samples < 2:
@@ -240,6 +255,7 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
     settings = Settings(
         num_particles=args.num_particles,
         prox_weight=args.prox_weight,
+        scale_prox_weight=args.scale_prox_weight,
         elbo_lr=args.lr,
         eval_samples=args.eval_samples,
     )

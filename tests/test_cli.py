@@ -50,6 +50,7 @@ def test_list_names_every_problem(capsys):
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--num-particles", "0"], "--num-particles must be >= 1"),
         (["--prox-weight", "-3"], "--prox-weight must be a positive number"),
+        (["--scale-prox-weight", "0"], "--scale-prox-weight must be a positive number"),
         (["--lr", "0"], "--lr must be a positive number"),
     ],
 )

@@ -205,6 +205,24 @@ def test_given_time_budget_is_met_by_both_methods():
 
 
 @pytest.mark.skipif(not numpyro_available()[0], reason="NumPyro backend not importable")
+def test_proximal_weights_come_from_settings_else_the_problem():
+    from dataclasses import replace
+
+    from pyro_scorevi.compare.runner import _proximal_weights
+
+    vit = get_problem("digits-vit")
+    assert _proximal_weights(vit, TINY) == {
+        "prox_weight": vit.prox_weight,
+        "scale_prox_weight": vit.scale_prox_weight,
+    }
+    # A given prox_weight alone is the paper's single weight, not mixed with the problem's
+    # scale weight.
+    given = replace(TINY, prox_weight=50.0)
+    assert _proximal_weights(vit, given) == {"prox_weight": 50.0, "scale_prox_weight": None}
+    both = replace(TINY, prox_weight=50.0, scale_prox_weight=500.0)
+    assert _proximal_weights(vit, both) == {"prox_weight": 50.0, "scale_prox_weight": 500.0}
+
+
 def test_numpyro_columns_join():
     problem = get_problem("logreg")
     result = run_comparison(

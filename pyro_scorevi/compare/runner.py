@@ -69,6 +69,7 @@ class Settings:
     Attributes:
         num_particles: ``S``, particles (gradient evaluations) per step, for both methods.
         prox_weight: :math:`\\lambda` of ``ScoreProximalSVI``.
+        scale_prox_weight: its ``scale_prox_weight`` :math:`\\lambda_s`.
         elbo_lr: Adam learning rate of the ``Trace_ELBO`` baseline.
         eval_samples: posterior draws behind each predictive figure.
         elbo_particles: particles of the common full-data ``-ELBO`` estimate (``Trace_ELBO`` on
@@ -78,6 +79,7 @@ class Settings:
 
     num_particles: int = 2
     prox_weight: float | None = None
+    scale_prox_weight: float | None = None
     elbo_lr: float | None = None
     eval_samples: int = 100
     elbo_particles: int = 16
@@ -129,9 +131,8 @@ class _PyroFit:
             lr = settings.elbo_lr or problem.elbo_lr
             self.svi = SVI(self.model, self.guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO(s))
         else:
-            weight = settings.prox_weight or problem.prox_weight
             self.svi = pyro_scorevi.ScoreProximalSVI(
-                self.model, self.guide, num_particles=s, prox_weight=weight
+                self.model, self.guide, num_particles=s, **_proximal_weights(problem, settings)
             )
 
     def step(self) -> float:
@@ -147,6 +148,20 @@ class _PyroFit:
                 loc[name] = m.detach().double().numpy().copy()
                 scale[name] = s.detach().double().numpy().copy()
         return loc, scale
+
+
+def _proximal_weights(problem: Problem, settings: Settings) -> dict[str, float | None]:
+    """``prox_weight`` and ``scale_prox_weight``: the settings' where given, else the
+    problem's (a given ``prox_weight`` alone keeps the paper's single weight)."""
+    if settings.prox_weight is not None:
+        return {
+            "prox_weight": settings.prox_weight,
+            "scale_prox_weight": settings.scale_prox_weight,
+        }
+    return {
+        "prox_weight": problem.prox_weight,
+        "scale_prox_weight": settings.scale_prox_weight or problem.scale_prox_weight,
+    }
 
 
 class _NumPyroFit:
@@ -168,8 +183,9 @@ class _NumPyroFit:
         else:
             from pyro_scorevi.numpyro import ScoreProximalSVI
 
-            weight = settings.prox_weight or problem.prox_weight
-            svi = ScoreProximalSVI(model, guide, num_particles=s, prox_weight=weight)
+            svi = ScoreProximalSVI(
+                model, guide, num_particles=s, **_proximal_weights(problem, settings)
+            )
         self.svi = svi
         self.state = svi.init(jax.random.PRNGKey(seed))
         self._update = jax.jit(svi.update)
@@ -449,7 +465,7 @@ def run_comparison(
         },
         "settings": {
             **asdict(settings),
-            "prox_weight": settings.prox_weight or problem.prox_weight,
+            **_proximal_weights(problem, settings),
             "elbo_lr": settings.elbo_lr or problem.elbo_lr,
             "init_scale": problem.init_scale,
         },
