@@ -69,7 +69,7 @@ class ScoreProximalSVI:
             :class:`~pyro_scorevi.schedules.PolynomialGrowth`.
         scale_prox_weight: :math:`\\lambda_s`, a separate weight (or schedule) for the scale
             part of the KL, for diagonal guides. ``None`` (default): ``prox_weight``, the
-            paper's step. A large value (e.g. ``1e3`` with ``prox_weight=3``) moves the scales
+            paper's step. A large value (e.g. ``1e3`` with ``prox_weight=10``) moves the scales
             slowly while the means take larger steps, which lets networks trained from
             scratch (transformers) fit their means before the scales grow towards the prior
             (``docs/pitfalls.md``). Fixed points with exact scores are the same.
@@ -462,10 +462,11 @@ def diagonal_core(
 ):
     """One closed-form step from the frozen ``(loc, scale)``, without touching the param store.
 
-    Returns ``(new_loc, new_scale, loss, finite, model_params, model_param_grads)`` where
-    ``loss`` is the negative ELBO estimate of :math:`q_t` and ``finite`` a boolean tensor that
-    is true when the loss and the update are finite (and the new scale positive). ``reduce``
-    combines the statistics across processes (``distributed=True``).
+    ``weight`` is the tensor ``(lambda, lambda_s)`` of the step (a graph input of the fast path,
+    so that schedules do not re-trace). Returns
+    ``(new_loc, new_scale, loss, finite, model_params, model_param_grads)`` where ``loss`` is the
+    negative ELBO estimate of :math:`q_t` and ``finite`` a boolean tensor that is true when the
+    loss and the update are finite (and the new scale positive). ``reduce`` combines the statistics across processes (``distributed=True``).
     """
     sums, total, params, param_grads = particle_sums(
         log_joint,
