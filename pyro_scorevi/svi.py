@@ -466,7 +466,8 @@ def diagonal_core(
     so that schedules do not re-trace). Returns
     ``(new_loc, new_scale, loss, finite, model_params, model_param_grads)`` where ``loss`` is the
     negative ELBO estimate of :math:`q_t` and ``finite`` a boolean tensor that is true when the
-    loss and the update are finite (and the new scale positive). ``reduce`` combines the statistics across processes (``distributed=True``).
+    loss and the update are finite (and the new scale positive). ``reduce`` combines the
+    statistics across processes (``distributed=True``).
     """
     sums, total, params, param_grads = particle_sums(
         log_joint,
