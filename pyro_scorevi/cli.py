@@ -2,8 +2,8 @@
 
 Fits the same model with ``ScoreProximalSVI`` and with ``SVI`` + ``Trace_ELBO`` (same
 ``AutoNormal`` guide, data, particles and budget) and prints one table per problem; writes
-``results.json`` and PNG plots to the output folder. With no argument it runs the default
-comparison (the digits MLP, 3 seeds).
+``results.json``, the tables as ``results.md`` and PNG plots to the output folder. With no
+argument it runs the default comparison (the digits MLP, 3 seeds).
 
 Usage::
 
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the comparison (the default subcommand)",
         description="Fit each problem with ScoreProximalSVI and SVI + Trace_ELBO under equal "
         "budgets of gradient evaluations and of wall time; print the table, write "
-        "results.json and PNG plots.",
+        "results.json, the tables as results.md and PNG plots.",
     )
     c.add_argument(
         "-p",
@@ -268,6 +268,8 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
         "problems": {},
     }
     json_path = args.out / "results.json"
+    markdown_path = args.out / "results.md"
+    tables: list[str] = []
     written = []
     for name in args.problem:
         problem = get_problem(name)
@@ -293,10 +295,13 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
         # Written after each problem, so a long suite keeps what it has finished.
         payload["wall_s_total"] = time.perf_counter() - started
         report.write_json(payload, json_path)
+        tables.append(report.format_markdown(result))
+        markdown_path.write_text(f"<!-- {payload['command']} -->\n\n" + "\n".join(tables))
         if not args.no_plots:
             written += report.write_plots(result, args.out)
     sys.stdout.flush()
     print(f"wrote {json_path}", file=sys.stderr)
+    print(f"wrote {markdown_path}", file=sys.stderr)
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
     print(f"total {time.perf_counter() - started:.0f} s", file=sys.stderr)

@@ -131,6 +131,12 @@ def test_user_command_end_to_end(tmp_path):
                 assert block[metric]["n"] == 3
     for png in ("digits-mlp_curves.png", "digits-mlp_reliability.png"):
         assert (out / png).stat().st_size > 1000
+    # The Markdown tables: one row per (budget, method), the same figures as the JSON.
+    markdown = (out / "results.md").read_text()
+    rows = [r for r in markdown.splitlines() if r.startswith("| = ")]
+    assert len(rows) == 4 and "### digits-mlp" in markdown
+    nll = result["summary"]["pyro-scoreprox"]["equal_evals"]["nll"]["mean"]
+    assert f"{nll:.4g}" in rows[1]
 
 
 def test_python_dash_m_bad_problem_exits_2_without_traceback(tmp_path):

@@ -45,11 +45,8 @@ def _fmt(stat: dict[str, Any]) -> str:
     return f"{mean:.4g} ± {sd:.2g}"
 
 
-def format_table(result: dict[str, Any]) -> str:
-    """One problem's table: rows = (budget, method), columns = evaluations, seconds, figures.
-
-    Entries are the mean ± sd over seeds.
-    """
+def _table(result: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
+    """``(title, header, rows)`` of one problem's table; rows = (budget, method)."""
     summary = result["summary"]
     methods = list(result["methods"])
     first = summary[methods[0]]["equal_evals"]
@@ -66,14 +63,6 @@ def format_table(result: dict[str, Any]) -> str:
                 + [f"{block['wall_s']['mean']:.2f}" if block["wall_s"]["mean"] is not None else "-"]
                 + [_fmt(block[m]) for m in metric_names]
             )
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells):
-        return "  ".join(
-            str(c).ljust(w) if i < 2 else str(c).rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths))
-        )
-
     b = result["budget"]
     seconds = (
         f"{b['seconds']:g} s" if b["seconds"] is not None else "the ELBO baseline's time, per seed"
@@ -84,14 +73,44 @@ def format_table(result: dict[str, Any]) -> str:
         f"(S = {b['num_particles']} per step) or {seconds}; {len(b['seeds'])} seed(s); "
         "mean ± sd over seeds"
     )
+    return title, header, rows
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """One problem's table: rows = (budget, method), columns = evaluations, seconds, figures.
+
+    Entries are the mean ± sd over seeds.
+    """
+    title, header, rows = _table(result)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(
+            str(c).ljust(w) if i < 2 else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths))
+        )
+
+    num_methods = len(result["methods"])
     sep = "-" * len(line(header))
     out = [title, sep, line(header), sep]
     for i, r in enumerate(rows):
-        if i == len(methods):
+        if i == num_methods:
             out.append(sep)
         out.append(line(r))
     out.append(sep)
     return "\n".join(out)
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    """The same table and verdict lines as Markdown (what ``docs/results.md`` shows)."""
+    title, header, rows = _table(result)
+    out = [f"### {result['problem']}", "", title.split("\n", 1)[1].strip(), ""]
+    out.append("| " + " | ".join(header) + " |")
+    out.append("|" + "---|" * len(header))
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out.append("")
+    out += [f"- {' '.join(v.split())}" for v in format_verdict(result)]
+    return "\n".join(out) + "\n"
 
 
 def _fmt_int(stat: dict[str, Any]) -> str:
