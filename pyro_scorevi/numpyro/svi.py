@@ -89,12 +89,16 @@ class ScoreProximalState(NamedTuple):
         step: the number :math:`t` of proximal steps taken (int32 scalar); the proximal weight
             of the next step is ``prox_weight(step)``.
         rng_key: the key the next step splits.
+        average: with ``average_after``, ``(locs, squared scales, count)``: the running means
+            of the iterates :math:`(m_t, s_t^2)` taken after step ``average_after`` and their
+            number (read them with :meth:`ScoreProximalSVI.get_averaged_params`); else ``()``.
     """
 
     params: dict
     optim_state: Any
     step: jax.Array
     rng_key: jax.Array
+    average: Any = ()
 
 
 #: ``(params, state, losses)``, like ``numpyro.infer.svi.SVIRunResult``.
@@ -127,6 +131,9 @@ class ScoreProximalConfig:
             means ``numpyro.optim.Adam(defaults.INNER_LR)``.
         num_inner_steps: :math:`K \\ge 2` inner steps (with :math:`K = 1` the KL term has zero
             gradient at :math:`q = q_t`, so :math:`\\lambda` would not matter).
+        average_after: for diagonal guides, keep the running means of the iterates
+            :math:`(m_t, s_t^2)` after this many steps (Polyak-Ruppert averaging, as in the
+            Pyro class); ``None``: no averaging.
     """
 
     num_particles: int = defaults.NUM_PARTICLES
@@ -136,9 +143,12 @@ class ScoreProximalConfig:
     inner_optim: Any = None
     num_inner_steps: int = defaults.NUM_INNER_STEPS
     scale_prox_weight: ProxWeight | None = None
+    average_after: int | None = None
 
     def __post_init__(self):
         _check_int("num_particles", self.num_particles, 1)
+        if self.average_after is not None:
+            _check_int("average_after", self.average_after, 0)
         _check_int("num_alternations", self.num_alternations, 1)
         _check_int("num_inner_steps", self.num_inner_steps, 2)
         if not isinstance(self.antithetic, bool):
@@ -230,18 +240,27 @@ def init(
     # Weak types (Python floats) would change dtype after one step and re-trace jit/scan.
     params = jax.tree.map(lambda x: lax.convert_element_type(x, jnp.result_type(x)), params)
     family = family_of(guide)
-    if config.scale_prox_weight is not None and not family.closed_form:
-        raise NotImplementedError(
-            f"scale_prox_weight supports AutoNormal and AutoDiagonalNormal guides (got "
-            f"{type(guide).__name__}); leave it None for full- and low-rank guides."
-        )
+    for name in ("scale_prox_weight", "average_after"):
+        if getattr(config, name) is not None and not family.closed_form:
+            raise NotImplementedError(
+                f"{name} supports AutoNormal and AutoDiagonalNormal guides (got "
+                f"{type(guide).__name__}); leave it None for full- and low-rank guides."
+            )
+    average = ()
     if family.closed_form:
         optim_state = ()
+        if config.average_after is not None:
+            locs, scales = family.locs_scales(params)
+            average = (
+                jax.tree.map(jnp.zeros_like, locs),
+                jax.tree.map(jnp.zeros_like, scales),
+                jnp.zeros((), jnp.int32),
+            )
     else:
         params = family.break_symmetry(random.fold_in(guide_seed, 1), params, init_params)
         transforms = family.transforms(params)
         optim_state = config.inner_optim.init({n: t.inv(params[n]) for n, t in transforms.items()})
-    return ScoreProximalState(params, optim_state, jnp.zeros((), jnp.int32), rng_key)
+    return ScoreProximalState(params, optim_state, jnp.zeros((), jnp.int32), rng_key, average)
 
 
 def update(
@@ -255,14 +274,34 @@ def update(
     """One proximal step; returns ``(new_state, loss)`` with loss the negative ELBO of q_t."""
     rng_key, step_key = random.split(state.rng_key)
     family = family_of(guide)
+    average = state.average
     if family.closed_form:
         params, loss = _diagonal_step(model, family, config, state, step_key, args, kwargs)
         optim_state = state.optim_state
+        if config.average_after is not None:
+            average = _accumulate_average(family, average, params, state.step + 1, config)
     else:
         params, optim_state, loss = _multivariate_step(
             model, family, config, state, step_key, args, kwargs
         )
-    return ScoreProximalState(params, optim_state, state.step + 1, rng_key), loss
+    return ScoreProximalState(params, optim_state, state.step + 1, rng_key, average), loss
+
+
+def _accumulate_average(family: DiagonalFamily, average, params, step, config):
+    """Adds the iterate ``(m, s^2)`` after step ``step`` to the running means when
+    ``step > average_after`` (a ``jnp.where``, so that ``jit``/``scan`` trace it once)."""
+    avg_locs, avg_sq_scales, count = average
+    locs, scales = family.locs_scales(params)
+    take = step > config.average_after
+    new_count = count + take.astype(count.dtype)
+    weight = jnp.where(take, 1.0 / jnp.maximum(new_count, 1), 0.0)
+
+    def mean(avg, x):
+        return avg + (x - avg) * weight.astype(x.dtype)
+
+    avg_locs = jax.tree.map(mean, avg_locs, locs)
+    avg_sq_scales = jax.tree.map(lambda a, sc: mean(a, jnp.square(sc)), avg_sq_scales, scales)
+    return avg_locs, avg_sq_scales, new_count
 
 
 def evaluate(
@@ -370,8 +409,8 @@ class ScoreProximalSVI:
         guide: ``AutoNormal`` or ``AutoDiagonalNormal`` (closed-form step), or
             ``AutoMultivariateNormal`` / ``AutoLowRankMultivariateNormal`` (inner steps).
         **hyperparameters: keyword-only ``num_particles``, ``prox_weight``,
-            ``scale_prox_weight``, ``antithetic``, ``num_alternations``, ``inner_optim`` and
-            ``num_inner_steps``, as in the Pyro
+            ``scale_prox_weight``, ``antithetic``, ``num_alternations``, ``inner_optim``,
+            ``num_inner_steps`` and ``average_after``, as in the Pyro
             class; see :class:`ScoreProximalConfig`.
         static_kwargs: constant keyword arguments of the model / guide.
 
@@ -398,6 +437,7 @@ class ScoreProximalSVI:
         num_alternations: int = defaults.NUM_ALTERNATIONS,
         inner_optim: Any = None,
         num_inner_steps: int = defaults.NUM_INNER_STEPS,
+        average_after: int | None = None,
         **static_kwargs,
     ):
         check_guide(guide)
@@ -411,6 +451,7 @@ class ScoreProximalSVI:
             inner_optim=inner_optim,
             num_inner_steps=num_inner_steps,
             scale_prox_weight=scale_prox_weight,
+            average_after=average_after,
         )
         self.static_kwargs = static_kwargs
 
@@ -431,6 +472,24 @@ class ScoreProximalSVI:
         """The guide's constrained params, as ``numpyro.infer.SVI.get_params`` returns them."""
         return dict(state.params)
 
+    def get_averaged_params(self, state: ScoreProximalState) -> dict:
+        """The params with the averaged iterates (``average_after``): :math:`\\bar m` and
+        :math:`\\bar s = (\\overline{s^2})^{1/2}`, for ``guide.sample_posterior`` and
+        ``Predictive`` as :meth:`get_params`. Raises ``ValueError`` before any iterate has been
+        averaged."""
+        count = int(state.average[2]) if state.average else 0
+        if count == 0:
+            raise ValueError(
+                f"no averaged iterates yet (average_after = {self.config.average_after!r}, "
+                f"{int(state.step)} steps taken); pass average_after=N with a diagonal guide and "
+                "take more than N steps."
+            )
+        family = family_of(self.guide)
+        avg_locs, avg_sq_scales, _ = state.average
+        return family.with_locs_scales(
+            dict(state.params), avg_locs, jax.tree.map(jnp.sqrt, avg_sq_scales)
+        )
+
     def update(self, state: ScoreProximalState, *args, **kwargs):
         """One proximal step; returns ``(state, loss)``, loss the negative ELBO of q_t."""
         return update(
@@ -448,9 +507,10 @@ class ScoreProximalSVI:
         optim_state = jax.tree.map(
             lambda n, o: jnp.where(ok, n, o), new_state.optim_state, state.optim_state
         )
+        average = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state.average, state.average)
         step = jnp.where(ok, new_state.step, state.step)
         loss = jnp.where(ok, loss, jnp.nan)
-        return ScoreProximalState(params, optim_state, step, new_state.rng_key), loss
+        return ScoreProximalState(params, optim_state, step, new_state.rng_key, average), loss
 
     def evaluate(self, state: ScoreProximalState, *args, **kwargs) -> jax.Array:
         """The loss :meth:`update` would report from ``state`` (same key), without stepping."""

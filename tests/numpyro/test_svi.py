@@ -61,6 +61,8 @@ DATA = random.normal(random.PRNGKey(9), (50,)) * 2.0 + 1.0
         (dict(prox_weight=-1.0), ValueError, r"prox_weight > 0 \(got prox_weight = -1.0\)"),
         (dict(prox_weight="big"), TypeError, "prox_weight must be a positive float"),
         (dict(scale_prox_weight=0.0), ValueError, r"scale_prox_weight > 0 \(got"),
+        (dict(average_after=-1), ValueError, r"average_after >= 0 \(got average_after = -1\)"),
+        (dict(average_after=1.5), TypeError, "average_after must be an int"),
         (dict(scale_prox_weight="big"), TypeError, "scale_prox_weight must be a positive"),
         (dict(antithetic=1), TypeError, "antithetic must be a bool"),
         (dict(num_alternations=0), ValueError, "num_alternations >= 1"),
@@ -291,6 +293,81 @@ def test_gamma_poisson_conjugate():
     # 20000 draws give ~0.7% Monte Carlo error on the mean/sd ratio checks below.
     assert abs(rate.mean() - mean) / mean < 0.02
     assert abs(rate.std() - sd) / sd < 0.05
+
+
+def test_averaged_params_are_the_mean_of_the_iterates():
+    # Identity tier: the running means equal the plain means of the iterates after step 3.
+    guide = AutoNormal(two_site_model)
+    svi = ScoreProximalSVI(two_site_model, guide, average_after=3)
+    state = svi.init(random.PRNGKey(0), DATA)
+    with pytest.raises(ValueError, match="no averaged iterates yet"):
+        svi.get_averaged_params(state)
+    step = jax.jit(svi.update)
+    iterates = []
+    for t in range(1, 11):
+        state, _ = step(state, DATA)
+        if t > 3:
+            iterates.append(svi.get_params(state))
+    averaged = svi.get_averaged_params(state)
+    assert int(state.average[2]) == 7
+    for site in ("loc", "scale"):
+        locs = np.stack([p[f"{site}_auto_loc"] for p in iterates])
+        scales = np.stack([p[f"{site}_auto_scale"] for p in iterates])
+        np.testing.assert_allclose(averaged[f"{site}_auto_loc"], locs.mean(0), rtol=JIT_TOL)
+        np.testing.assert_allclose(
+            averaged[f"{site}_auto_scale"], np.sqrt((scales**2).mean(0)), rtol=JIT_TOL
+        )
+    # The current iterate is untouched, and the averaged params feed sample_posterior.
+    np.testing.assert_array_equal(
+        svi.get_params(state)["loc_auto_loc"], iterates[-1]["loc_auto_loc"]
+    )
+    draws = guide.sample_posterior(random.PRNGKey(1), averaged, sample_shape=(5,))
+    assert draws["loc"].shape == (5,)
+
+
+def test_averaging_run_scan_equals_progress_bar_loop():
+    svi = ScoreProximalSVI(two_site_model, AutoNormal(two_site_model), average_after=20)
+    scan = svi.run(random.PRNGKey(3), 60, DATA, progress_bar=False)
+    loop = svi.run(random.PRNGKey(3), 60, DATA, progress_bar=True)
+    a, b = svi.get_averaged_params(scan.state), svi.get_averaged_params(loop.state)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=JIT_TOL, atol=JIT_TOL)
+
+
+def test_averaging_is_for_diagonal_guides():
+    svi = ScoreProximalSVI(gaussian_model, AutoMultivariateNormal(gaussian_model), average_after=10)
+    with pytest.raises(NotImplementedError, match="average_after supports AutoNormal"):
+        svi.init(random.PRNGKey(0))
+
+
+def test_minibatch_linear_regression_with_iterate_averaging():
+    # As the Pyro test of the same name: N = 2000, B = 64 (N/B ~ 31), one alternation,
+    # constant lambda = 100, Polyak averaging after 500 steps. The averaged mean's error falls
+    # like sqrt(N / (B T)) posterior sds. Measured (keys 0-2) at 6000 steps: max mean error
+    # 0.04-0.10 sd averaged against 0.81-0.94 sd for the last iterate; variance errors
+    # 0.7-1.1% averaged. The bound is 0.25 sd, as in Pyro.
+    n, d, b, sigma = 2000, 3, 64, 0.5
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = (x @ np.array([1.0, -0.5, 0.25]) + sigma * rng.normal(size=n)).astype(np.float32)
+    prec = np.eye(d) + x.T.astype(np.float64) @ x / sigma**2
+    cov = np.linalg.inv(prec)
+    mean = cov @ (x.T.astype(np.float64) @ y / sigma**2)
+    sd = np.sqrt(np.diag(cov))
+
+    def model(x, y):
+        w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([d]).to_event(1))
+        with numpyro.plate("data", n, subsample_size=b) as idx:
+            numpyro.sample("y", dist.Normal(x[idx] @ w, sigma), obs=y[idx])
+
+    svi = ScoreProximalSVI(
+        model, AutoNormal(model, init_scale=0.01), num_alternations=1, average_after=500
+    )
+    result = svi.run(random.PRNGKey(0), 6000, jnp.asarray(x), jnp.asarray(y), progress_bar=False)
+    averaged = svi.get_averaged_params(result.state)
+    m, s = np.asarray(averaged["w_auto_loc"]), np.asarray(averaged["w_auto_scale"])
+    assert np.all(np.abs(m - mean) / sd < 0.25)
+    assert np.all(np.abs(s**2 * np.diag(prec) - 1) < 0.25)
 
 
 @pytest.mark.slow
