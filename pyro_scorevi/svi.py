@@ -50,6 +50,10 @@ __all__ = ["ScoreProximalSVI"]
 logger = logging.getLogger(__name__)
 
 
+#: Consecutive rejected steps after which :class:`ScoreProximalSVI` warns that the fit is stuck.
+STUCK_AFTER = 100
+
+
 class ScoreProximalSVI:
     """Score-based proximal variational inference, with the verbs of :class:`pyro.infer.SVI`.
 
@@ -179,6 +183,7 @@ class ScoreProximalSVI:
         self.num_averaged = 0
         self.num_steps = 0
         self.num_rejected_steps = 0
+        self._rejected_in_a_row = 0
         self._family: DiagonalFamily | GaussianFamily | None = None
         self._log_joint: LogJoint | None = None
         self._diagonal_core: Callable | None = None
@@ -203,6 +208,7 @@ class ScoreProximalSVI:
             loss, ok = self._gaussian_step(family, weight[0], args, kwargs)
         if ok:
             self.num_steps += 1
+            self._rejected_in_a_row = 0
         else:
             self._reject(loss)
         return loss
@@ -433,12 +439,24 @@ class ScoreProximalSVI:
 
     def _reject(self, loss: float) -> None:
         self.num_rejected_steps += 1
+        self._rejected_in_a_row += 1
         if self.num_rejected_steps == 1:
             warnings.warn(
                 f"ScoreProximalSVI rejected a step with non-finite scores or update (loss = "
                 f"{loss}); the guide was left unchanged. Further rejections are counted in "
                 "num_rejected_steps without warning. Check the model's log density or raise "
                 "prox_weight.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if self._rejected_in_a_row == STUCK_AFTER:
+            warnings.warn(
+                f"ScoreProximalSVI: the last {STUCK_AFTER} steps were all rejected, so the guide "
+                "is stuck where the model's scores are not finite (often after a first step "
+                "that overshot from a wide initial guide, e.g. with an exp link). Restart with a "
+                "narrower initial guide (AutoNormal(model, init_scale=0.01)) and "
+                "num_alternations=1, or a larger prox_weight; see 'Far from the mode' in "
+                "docs/pitfalls.md.",
                 RuntimeWarning,
                 stacklevel=3,
             )

@@ -185,6 +185,31 @@ def test_non_finite_step_is_rejected(Guide, kind):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_stuck_fit_is_named_once_and_a_recovered_one_resets(monkeypatch):
+    import pyro_scorevi.svi as svi_module
+
+    monkeypatch.setattr(svi_module, "STUCK_AFTER", 4)
+    y = _data()
+    bad_model, mode = _bad_model_factory()
+    svi = ScoreProximalSVI(bad_model, AutoNormal(bad_model))
+    svi.step(y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mode[0] = "nan"
+        for _ in range(3):
+            svi.step(y)
+        mode[0] = None
+        svi.step(y)  # accepted: the streak starts again
+        mode[0] = "nan"
+        for _ in range(3):
+            svi.step(y)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "rejected a step" in messages[0]  # 3 in a row < 4: not stuck
+    with pytest.warns(RuntimeWarning, match="the last 4 steps were all rejected.*init_scale"):
+        svi.step(y)
+    assert svi.num_rejected_steps == 7
+
+
 def test_rejected_step_leaves_model_params_and_optimiser_alone():
     y = _data()
     bad_model, mode = _bad_model_factory()
