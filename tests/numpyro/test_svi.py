@@ -340,12 +340,9 @@ def test_averaging_is_for_diagonal_guides():
         svi.init(random.PRNGKey(0))
 
 
-def test_minibatch_linear_regression_with_iterate_averaging():
-    # As the Pyro test of the same name: N = 2000, B = 64 (N/B ~ 31), one alternation,
-    # constant lambda = 100, Polyak averaging after 500 steps. The averaged mean's error falls
-    # like sqrt(N / (B T)) posterior sds. Measured (keys 0-2) at 6000 steps: max mean error
-    # 0.04-0.10 sd averaged against 0.81-0.94 sd for the last iterate; variance errors
-    # 0.7-1.1% averaged. The bound is 0.25 sd, as in Pyro.
+def _minibatch_regression():
+    """N = 2000 points, B = 64 per mini-batch, 3 features, known noise: the exact Gaussian
+    posterior (mean, sd, precision) in float64."""
     n, d, b, sigma = 2000, 3, 64, 0.5
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n, d)).astype(np.float32)
@@ -353,13 +350,22 @@ def test_minibatch_linear_regression_with_iterate_averaging():
     prec = np.eye(d) + x.T.astype(np.float64) @ x / sigma**2
     cov = np.linalg.inv(prec)
     mean = cov @ (x.T.astype(np.float64) @ y / sigma**2)
-    sd = np.sqrt(np.diag(cov))
 
     def model(x, y):
         w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([d]).to_event(1))
         with numpyro.plate("data", n, subsample_size=b) as idx:
             numpyro.sample("y", dist.Normal(x[idx] @ w, sigma), obs=y[idx])
 
+    return model, x, y, mean, np.sqrt(np.diag(cov)), prec
+
+
+def test_minibatch_linear_regression_with_iterate_averaging():
+    # As the Pyro test of the same name: N = 2000, B = 64 (N/B ~ 31), one alternation,
+    # constant lambda = 100, Polyak averaging after 500 steps. The averaged mean's error falls
+    # like sqrt(N / (B T)) posterior sds. Measured (keys 0-2) at 6000 steps: max mean error
+    # 0.04-0.10 sd averaged against 0.81-0.94 sd for the last iterate; variance errors
+    # 0.7-1.1% averaged. The bound is 0.25 sd, as in Pyro.
+    model, x, y, mean, sd, prec = _minibatch_regression()
     svi = ScoreProximalSVI(
         model, AutoNormal(model, init_scale=0.01), num_alternations=1, average_after=500
     )
@@ -379,20 +385,7 @@ def test_minibatch_linear_regression_matches_exact_posterior():
     # 3 seeds; at t = 20000: 0.145, 0.057, 0.125).
     # num_alternations=1: with 2 alternations the early, far-from-the-mode steps shrink the
     # variances (precision ~ |g| / |m - m_t|) and the fit stalls (measured: 20-200 sds off).
-    n, d, b, sigma = 2000, 3, 64, 0.5
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(n, d)).astype(np.float32)
-    y = (x @ np.array([1.0, -0.5, 0.25]) + sigma * rng.normal(size=n)).astype(np.float32)
-    prec = np.eye(d) + x.T.astype(np.float64) @ x / sigma**2
-    cov = np.linalg.inv(prec)
-    mean = cov @ (x.T.astype(np.float64) @ y / sigma**2)
-    sd = np.sqrt(np.diag(cov))
-
-    def model(x, y):
-        w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([d]).to_event(1))
-        with numpyro.plate("data", n, subsample_size=b) as idx:
-            numpyro.sample("y", dist.Normal(x[idx] @ w, sigma), obs=y[idx])
-
+    model, x, y, mean, sd, prec = _minibatch_regression()
     svi = ScoreProximalSVI(
         model,
         AutoNormal(model, init_scale=0.01),
