@@ -71,7 +71,8 @@ ProxWeight = Union[float, Callable[[Any], Any]]
 
 def as_schedule(prox_weight: ProxWeight, name: str = "prox_weight") -> Callable[[Any], Any]:
     """Turns a positive number into :class:`ConstantWeight`; passes a callable through.
-    ``name`` is the argument named in the error."""
+    ``name`` is the argument named in the errors (``TypeError`` for a non-number, ``ValueError``
+    for a number that is not > 0), which both backends raise at construction."""
     if callable(prox_weight):
         return prox_weight
     if isinstance(prox_weight, bool) or not isinstance(prox_weight, (int, float)):
@@ -79,6 +80,12 @@ def as_schedule(prox_weight: ProxWeight, name: str = "prox_weight") -> Callable[
             f"{name} must be a positive float or a callable step -> weight (got "
             f"{type(prox_weight).__name__} {prox_weight!r}); e.g. {name}=100.0 or "
             f"{name}=pyro_scorevi.schedules.PolynomialGrowth(100.0, 1000)."
+        )
+    if not prox_weight > 0:
+        raise ValueError(
+            f"{name} must satisfy {name} > 0 (got {name} = {prox_weight!r}); it is an inverse "
+            f"step size, e.g. {name}=100.0 or a schedule such as "
+            "pyro_scorevi.PolynomialGrowth(100.0, 1000)."
         )
     return ConstantWeight(float(prox_weight))
 

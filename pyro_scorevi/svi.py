@@ -146,9 +146,6 @@ class ScoreProximalSVI:
                     f"{name} must be a pyro.optim optimiser such as pyro.optim.Adam({{'lr': "
                     f"1e-2}}) or None (got {type(value).__name__})."
                 )
-        _check_weight("prox_weight", prox_weight)
-        if scale_prox_weight is not None:
-            _check_weight("scale_prox_weight", scale_prox_weight)
         _check_int("num_particles", num_particles, 1)
         _check_int("num_alternations", num_alternations, 1)
         _check_int("num_inner_steps", num_inner_steps, 2)
@@ -365,21 +362,18 @@ class ScoreProximalSVI:
         if self._family is None:
             self._family = make_family(self.guide, args, kwargs)
             self._log_joint = LogJoint(self.model, self._family.transforms)
-            if self.average_after is not None and not isinstance(self._family, DiagonalFamily):
-                raise NotImplementedError(
-                    f"average_after supports AutoNormal and AutoDiagonalNormal guides (got "
-                    f"{type(self.guide).__name__})."
-                )
-            if self.scale_prox_weight is not None and not isinstance(self._family, DiagonalFamily):
-                raise NotImplementedError(
-                    f"scale_prox_weight supports AutoNormal and AutoDiagonalNormal guides (got "
-                    f"{type(self.guide).__name__}); leave it None for full- and low-rank guides."
-                )
-            if self.distributed and not isinstance(self._family, DiagonalFamily):
-                raise NotImplementedError(
-                    f"distributed=True supports AutoNormal and AutoDiagonalNormal guides (got "
-                    f"{type(self.guide).__name__})."
-                )
+            diagonal_only = {
+                "average_after": self.average_after is not None,
+                "scale_prox_weight": self.scale_prox_weight is not None,
+                "distributed=True": self.distributed,
+            }
+            for option, used in diagonal_only.items():
+                if used and not isinstance(self._family, DiagonalFamily):
+                    raise NotImplementedError(
+                        f"{option} supports AutoNormal and AutoDiagonalNormal guides (got "
+                        f"{type(self.guide).__name__}); leave it out for full- and low-rank "
+                        "guides."
+                    )
             core = partial(
                 diagonal_core,
                 self._log_joint,
@@ -404,21 +398,21 @@ class ScoreProximalSVI:
         return self._family
 
     def _current_weight(self) -> tuple[float, float]:
-        """``(lambda, lambda_s)`` at this step."""
-        weights = []
-        for name in ("prox_weight", "scale_prox_weight"):
-            schedule = getattr(self, name)
-            if schedule is None:  # scale_prox_weight=None: the paper's single weight
-                weights.append(weights[0])
-                continue
-            weight = float(schedule(self.num_steps))
-            if not weight > 0:
-                raise ValueError(
-                    f"{name} must be positive at every step (got {weight!r} at step "
-                    f"{self.num_steps}); check the schedule passed as {name}."
-                )
-            weights.append(weight)
-        return weights[0], weights[1]
+        """``(lambda, lambda_s)`` at this step; ``scale_prox_weight=None`` is the paper's
+        single weight, ``lambda_s = lambda``."""
+        weight = self._weight_at("prox_weight")
+        if self.scale_prox_weight is None:
+            return weight, weight
+        return weight, self._weight_at("scale_prox_weight")
+
+    def _weight_at(self, name: str) -> float:
+        weight = float(getattr(self, name)(self.num_steps))
+        if not weight > 0:
+            raise ValueError(
+                f"{name} must be positive at every step (got {weight!r} at step "
+                f"{self.num_steps}); check the schedule passed as {name}."
+            )
+        return weight
 
     def _step_model_params(self, params, grads, num_particles: int) -> None:
         if not params:
@@ -611,14 +605,6 @@ def _accumulate(total, grads):
 
 def _all_finite(tensors) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-
-
-def _check_weight(name: str, value: Any) -> None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and not value > 0:
-        raise ValueError(
-            f"{name} must satisfy {name} > 0 (got {name} = {value!r}); e.g. {name}=100.0 or "
-            "a schedule such as pyro_scorevi.PolynomialGrowth(100.0, 1000)."
-        )
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

@@ -156,16 +156,10 @@ class ScoreProximalConfig:
                 f"antithetic must be a bool (got {type(self.antithetic).__name__} "
                 f"{self.antithetic!r}); use antithetic=True or antithetic=False."
             )
-        for name in ("prox_weight", "scale_prox_weight"):
-            weight = getattr(self, name)
-            if weight is None and name == "scale_prox_weight":
-                continue
-            if isinstance(weight, numbers.Real) and not isinstance(weight, bool) and not weight > 0:
-                raise ValueError(
-                    f"{name} must satisfy {name} > 0 (got {name} = {weight!r}); it is an "
-                    f"inverse step size, e.g. {name}=100.0."
-                )
-            object.__setattr__(self, name, as_schedule(weight, name))
+        object.__setattr__(self, "prox_weight", as_schedule(self.prox_weight))
+        if self.scale_prox_weight is not None:
+            scale_weight = as_schedule(self.scale_prox_weight, "scale_prox_weight")
+            object.__setattr__(self, "scale_prox_weight", scale_weight)
         object.__setattr__(self, "inner_optim", _as_numpyro_optim(self.inner_optim))
 
 
