@@ -10,10 +10,19 @@ from typing import Any
 
 from pyro_scorevi import schedules
 from pyro_scorevi.schedules import ConstantWeight, PolynomialGrowth
+from pyro_scorevi.step_rules import AdaptiveStep, FixedStep
 
 __version__ = "0.1.0"
 
-__all__ = ["ScoreProximalSVI", "ConstantWeight", "PolynomialGrowth", "schedules", "__version__"]
+__all__ = [
+    "ScoreProximalSVI",
+    "AdaptiveStep",
+    "FixedStep",
+    "ConstantWeight",
+    "PolynomialGrowth",
+    "schedules",
+    "__version__",
+]
 
 _LAZY = {"ScoreProximalSVI": "pyro_scorevi.svi"}
 

@@ -43,7 +43,7 @@ AUTO_START_AFTER = 100
 
 
 class TracedStep:
-    """Wraps ``compute(loc, scale, weight, args, kwargs) -> (*tensors, params, param_grads)``.
+    """Wraps ``compute(loc, scale, args, kwargs) -> (*tensors, params, param_grads)``.
 
     The graph replaces ``compute`` for the tensor outputs; a model with its own ``pyro.param``
     sites (whose gradients the graph does not return) stays eager.
@@ -62,51 +62,51 @@ class TracedStep:
         self._eager_calls_left = 0 if required else AUTO_START_AFTER
         self._graphs: dict[Any, Callable | None] = {}
 
-    def __call__(self, loc, scale, weight, args: tuple, kwargs: dict) -> tuple:
+    def __call__(self, loc, scale, args: tuple, kwargs: dict) -> tuple:
         if self._eager_calls_left > 0:
             self._eager_calls_left -= 1
-            return self.compute(loc, scale, weight, args, kwargs)
+            return self.compute(loc, scale, args, kwargs)
         leaves, spec = tree_flatten((args, kwargs))
         is_tensor = [isinstance(leaf, torch.Tensor) for leaf in leaves]
         tensors = [leaf for leaf, t in zip(leaves, is_tensor) if t]
         key = _signature(loc, leaves, is_tensor, spec)
         if key is None:
-            return self._eager(loc, scale, weight, args, kwargs, "unhashable non-tensor args")
+            return self._eager(loc, scale, args, kwargs, "unhashable non-tensor args")
         if key in self._graphs:
             graph = self._graphs[key]
             if graph is None:
-                return self.compute(loc, scale, weight, args, kwargs)
+                return self.compute(loc, scale, args, kwargs)
             with _eager_random_numbers() if self.compile else contextlib.nullcontext():
-                return (*graph(loc, scale, weight, *tensors), [], [])
+                return (*graph(loc, scale, *tensors), [], [])
         if len(self._graphs) >= MAX_GRAPHS:
             reason = f"more than {MAX_GRAPHS} argument signatures"
-            return self._eager(loc, scale, weight, args, kwargs, reason)
-        return self._build(key, loc, scale, weight, args, kwargs, leaves, is_tensor, spec, tensors)
+            return self._eager(loc, scale, args, kwargs, reason)
+        return self._build(key, loc, scale, args, kwargs, leaves, is_tensor, spec, tensors)
 
-    def _build(self, key, loc, scale, weight, args, kwargs, leaves, is_tensor, spec, tensors):
+    def _build(self, key, loc, scale, args, kwargs, leaves, is_tensor, spec, tensors):
         before = _rng_state(loc.device)
-        eager = self.compute(loc, scale, weight, args, kwargs)
+        eager = self.compute(loc, scale, args, kwargs)
         after = _rng_state(loc.device)
         if eager[-1]:
             self._graphs[key] = None
             reason = "the model's pyro.param sites are learned (optim=), which the graph cannot do"
             return self._eager_result(eager, reason)
 
-        def traced(loc, scale, weight, *tensor_args):
+        def traced(loc, scale, *tensor_args):
             it = iter(tensor_args)
             full = [next(it) if t else leaf for leaf, t in zip(leaves, is_tensor)]
             a, kw = tree_unflatten(full, spec)
-            return self.compute(loc, scale, weight, a, kw)[:-2]
+            return self.compute(loc, scale, a, kw)[:-2]
 
         try:
             _set_rng_state(loc.device, before)
             with _sample_validation_disabled():
-                graph = make_fx(traced)(loc, scale, weight, *tensors)
+                graph = make_fx(traced)(loc, scale, *tensors)
             if self.compile:
                 graph = torch.compile(graph, dynamic=False)
             _set_rng_state(loc.device, before)
             with _eager_random_numbers():
-                replay = graph(loc, scale, weight, *tensors)
+                replay = graph(loc, scale, *tensors)
             reason = _mismatch(eager[:-2], replay)
         except Exception as error:  # noqa: BLE001 - any tracing failure means: stay eager
             graph, reason = None, f"tracing failed ({type(error).__name__}: {error})"
@@ -117,14 +117,14 @@ class TracedStep:
         logger.info("fast path: traced the step (compiled: %s)", self.compile)
         return eager
 
-    def _eager(self, loc, scale, weight, args, kwargs, reason: str) -> tuple:
-        return self._eager_result(self.compute(loc, scale, weight, args, kwargs), reason)
+    def _eager(self, loc, scale, args, kwargs, reason: str) -> tuple:
+        return self._eager_result(self.compute(loc, scale, args, kwargs), reason)
 
     def _eager_result(self, result: tuple, reason: str) -> tuple:
         if self.required:
             raise RuntimeError(
                 f"fast_path=True but the traced fast path cannot be used: {reason}. Pass "
-                "fast_path=None (automatic) or False to run the eager path."
+                "fast_path=False to run the eager path."
             )
         logger.info("fast path not used: %s; running the eager path", reason)
         return result

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -29,10 +30,11 @@ from typing import Any
 
 import pyro
 import torch
+from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.util import zero_grads
 from pyro.optim import PyroOptim
 
-from pyro_scorevi import defaults
+from pyro_scorevi import core, defaults
 from pyro_scorevi.fast_path import TracedStep
 from pyro_scorevi.guides import (
     DiagonalFamily,
@@ -41,9 +43,10 @@ from pyro_scorevi.guides import (
     frozen_copy,
     make_family,
 )
-from pyro_scorevi.proximal import ScoreStatistics, diagonal_proximal_update
-from pyro_scorevi.schedules import ProxWeight, as_schedule
+from pyro_scorevi.proximal import ScoreStatistics
+from pyro_scorevi.schedules import ProxWeight
 from pyro_scorevi.scores import LogJoint
+from pyro_scorevi.step_rules import AdaptiveStep, FixedStep, StepRule, resolve_step_rule
 
 __all__ = ["ScoreProximalSVI"]
 
@@ -125,15 +128,17 @@ class ScoreProximalSVI:
         model: Callable,
         guide: Callable,
         optim: PyroOptim | None = None,
+        loss: Any = None,
         *,
-        num_particles: int = defaults.NUM_PARTICLES,
-        prox_weight: ProxWeight = defaults.PROX_WEIGHT,
+        num_particles: int | None = None,
+        step_rule: StepRule | None = None,
+        prox_weight: ProxWeight | None = None,
         scale_prox_weight: ProxWeight | None = None,
         antithetic: bool = defaults.ANTITHETIC,
-        num_alternations: int = defaults.NUM_ALTERNATIONS,
+        num_alternations: int | None = None,
         inner_optim: PyroOptim | None = None,
         num_inner_steps: int = defaults.NUM_INNER_STEPS,
-        fast_path: bool | str | None = None,
+        fast_path: bool | str | None = False,
         distributed: bool = False,
         average_after: int | None = None,
     ):
@@ -146,14 +151,15 @@ class ScoreProximalSVI:
                     f"{name} must be a pyro.optim optimiser such as pyro.optim.Adam({{'lr': "
                     f"1e-2}}) or None (got {type(value).__name__})."
                 )
+        num_particles = _particles_from_loss(loss, num_particles)
         _check_int("num_particles", num_particles, 1)
-        _check_int("num_alternations", num_alternations, 1)
         _check_int("num_inner_steps", num_inner_steps, 2)
         if not isinstance(antithetic, bool):
             raise TypeError(f"antithetic must be True or False (got {antithetic!r}).")
         if fast_path not in (None, True, False, "compile"):
             raise TypeError(
-                f"fast_path must be None (automatic), True, False or 'compile' (got {fast_path!r})."
+                f"fast_path must be False (eager, the default), True or 'compile' (got "
+                f"{fast_path!r})."
             )
         if not isinstance(distributed, bool):
             raise TypeError(f"distributed must be True or False (got {distributed!r}).")
@@ -163,48 +169,76 @@ class ScoreProximalSVI:
         self.guide = guide
         self.optim = optim
         self.num_particles = num_particles
-        self.prox_weight = as_schedule(prox_weight)
-        self.scale_prox_weight = (
-            None
-            if scale_prox_weight is None
-            else as_schedule(scale_prox_weight, "scale_prox_weight")
+        self.step_rule = resolve_step_rule(
+            step_rule, prox_weight, scale_prox_weight, num_alternations
         )
         self.antithetic = antithetic
-        self.num_alternations = num_alternations
         self.inner_optim = inner_optim or pyro.optim.Adam({"lr": defaults.INNER_LR})
         self.num_inner_steps = num_inner_steps
-        self.fast_path = fast_path
+        self.fast_path = bool(fast_path) if fast_path != "compile" else "compile"
         self.distributed = distributed
         self.average_after = average_after
+        self._elbo = loss
         self._average: tuple[torch.Tensor, torch.Tensor] | None = None  # running mean of (m, s^2)
         self.num_averaged = 0
-        self.num_steps = 0
-        self.num_rejected_steps = 0
+        self._gaussian_steps = 0
+        self._gaussian_rejected = 0
         self._rejected_in_a_row = 0
+        self._state: core.DiagonalState | None = None
         self._family: DiagonalFamily | GaussianFamily | None = None
         self._log_joint: LogJoint | None = None
-        self._diagonal_core: Callable | None = None
+        self._particle_sums: Callable | None = None
         self._warned_fixed_params = False
+
+    @property
+    def num_steps(self) -> int:
+        """Accepted steps so far (the ``t`` of a ``FixedStep`` schedule)."""
+        return self._state.step if self._state is not None else self._gaussian_steps
+
+    @property
+    def num_rejected_steps(self) -> int:
+        """Reverted and rejected steps so far."""
+        return self._state.num_rejected if self._state is not None else self._gaussian_rejected
+
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        """``SVI.loss``: the -ELBO estimate of ``loss`` (the ``ELBO`` given at construction,
+        else ``Trace_ELBO(num_particles)``) for ``model`` and ``guide``; no step is taken."""
+        elbo = self._elbo if self._elbo is not None else Trace_ELBO(self.num_particles)
+        with torch.no_grad():
+            return elbo.loss(model, guide, *args, **kwargs)
+
+    def loss_and_grads(self, *args: Any, **kwargs: Any):
+        """Not available: a score-proximal step has no ELBO gradients to return."""
+        raise NotImplementedError(
+            "ScoreProximalSVI has no loss_and_grads: its step uses the model's scores and a "
+            "closed-form proximal update, not ELBO gradients. Call svi.step(*args) to fit and "
+            "svi.evaluate_loss(*args) (or svi.loss(model, guide, *args)) for the -ELBO."
+        )
 
     # ------------------------------------------------------------------ public verbs
 
     def step(self, *args: Any, **kwargs: Any) -> float:
         """Takes one proximal step; returns the negative ELBO estimate of the frozen guide.
 
-        The returned value is :math:`-\\big(\\frac1S\\sum_k \\log\\hat p(\\theta_k)
+        As ``SVI.step``: the model and guide are called on ``args``/``kwargs`` (every step,
+        unless ``fast_path`` was asked for), so new data and rebound globals are seen. The
+        returned value is :math:`-\\big(\\frac1S\\sum_k \\log\\hat p(\\theta_k)
         + H(q_t)\\big)`, an unbiased estimate of :math:`-\\mathrm{ELBO}(q_t)` (the quantity
         ``Trace_ELBO`` reports), computed from the log joints the step evaluates anyway.
-        A step whose scores or update are not finite is rejected: the guide is left unchanged,
-        ``num_rejected_steps`` is incremented and a warning is issued once.
+        A step whose scores or update are not finite (or, under ``AdaptiveStep``, whose loss
+        is sharply worse than the previous iterate's) is rejected or reverted: the guide is
+        left at a finite iterate, ``num_rejected_steps`` is incremented and a warning is
+        issued once.
         """
         family = self._setup(args, kwargs)
-        weight = self._current_weight()
         if isinstance(family, DiagonalFamily):
-            loss, ok = self._diagonal_step(family, weight, args, kwargs)
+            info = self._diagonal_step(family, args, kwargs)
+            loss, ok = info.loss, info.accepted
         else:
-            loss, ok = self._gaussian_step(family, weight[0], args, kwargs)
+            loss, ok = self._gaussian_step(family, args, kwargs)
+            self._gaussian_steps += ok
+            self._gaussian_rejected += not ok
         if ok:
-            self.num_steps += 1
             self._rejected_in_a_row = 0
         else:
             self._reject(loss)
@@ -230,11 +264,13 @@ class ScoreProximalSVI:
         return -(total / self.num_particles + entropy).item()
 
     def state_dict(self) -> dict[str, Any]:
-        """What the param store does not hold: the step counters (for resuming a schedule) and
-        copies of the optimiser states (``inner_optim``, and ``optim`` when given)."""
+        """What the param store does not hold: the step rule's state (counters, running
+        statistics, the backup iterate), the iterate average and copies of the optimiser states
+        (``inner_optim``, and ``optim`` when given)."""
         state: dict[str, Any] = {
-            "num_steps": self.num_steps,
-            "num_rejected_steps": self.num_rejected_steps,
+            "diagonal_state": None if self._state is None else _clone(self._state._asdict()),
+            "gaussian_steps": self._gaussian_steps,
+            "gaussian_rejected": self._gaussian_rejected,
             "inner_optim": copy.deepcopy(self.inner_optim.get_state()),
             "num_averaged": self.num_averaged,
             "average": None if self._average is None else [t.clone() for t in self._average],
@@ -246,8 +282,15 @@ class ScoreProximalSVI:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict`; with the param store loaded (and the RNG state
         restored), a run resumes exactly."""
-        self.num_steps = int(state["num_steps"])
-        self.num_rejected_steps = int(state["num_rejected_steps"])
+        diagonal = state.get("diagonal_state")
+        if diagonal is not None:
+            diagonal = _clone(diagonal)
+            if diagonal["rates"] is not None:
+                diagonal["rates"] = core.RateState(*diagonal["rates"])
+            diagonal = core.DiagonalState(**diagonal)
+        self._state = diagonal
+        self._gaussian_steps = int(state.get("gaussian_steps", 0))
+        self._gaussian_rejected = int(state.get("gaussian_rejected", 0))
         if "inner_optim" in state:
             self.inner_optim.set_state(copy.deepcopy(state["inner_optim"]))
         self.num_averaged = int(state.get("num_averaged", 0))
@@ -294,19 +337,35 @@ class ScoreProximalSVI:
 
     # ------------------------------------------------------------------ the two steps
 
-    def _diagonal_step(self, family: DiagonalFamily, weight: tuple[float, float], args, kwargs):
+    def _diagonal_step(self, family: DiagonalFamily, args, kwargs) -> core.StepInfo:
         loc, scale = family.read()
-        weight = torch.as_tensor(weight, dtype=loc.dtype, device=loc.device)
-        new_loc, new_scale, loss, finite, params, param_grads = self._diagonal_core(
-            loc, scale, weight, args, kwargs
-        )
-        ok = bool(finite)
-        if ok:
-            family.write(new_loc, new_scale)
+        state = self._state
+        if state is None:
+            state = core.init(loc, scale, self.step_rule)
+        elif not (torch.equal(loc, state.loc) and torch.equal(scale, state.scale)):
+            # The param store was changed from outside (loaded, edited): continue from it, with
+            # no backup to revert to.
+            state = state._replace(loc=loc, scale=scale, backup_loc=None, backup_scale=None)
+        try:
+            sums, total, params, param_grads = self._particle_sums(loc, scale, args, kwargs)
+        except ValueError as error:
+            if not _is_validation_error(error):
+                raise
+            # A parameter drawn from the guide that the model's own distribution refuses (e.g.
+            # a scale that underflowed to 0): a failed step, rejected or reverted, not a crash.
+            logger.debug("a particle failed the model's argument validation: %s", error)
+            sums = torch.full((4,) + loc.shape, math.nan, dtype=loc.dtype, device=loc.device)
+            total, params, param_grads = torch.tensor(math.nan), [], []
+        stats = ScoreStatistics(*(sums / self.num_particles).unbind())
+        loss = -(total / self.num_particles + family.entropy(scale))
+        self._state, info = core.update(state, stats, float(loss), self.step_rule)
+        if info.accepted or info.reverted:
+            family.write(self._state.loc, self._state.scale)
+        if info.accepted:
             self._step_model_params(params, param_grads, self.num_particles)
-            if self.average_after is not None and self.num_steps + 1 > self.average_after:
-                self._accumulate_average(new_loc, new_scale)
-        return loss.item(), ok
+            if self.average_after is not None and self._state.step > self.average_after:
+                self._accumulate_average(self._state.loc, self._state.scale)
+        return info
 
     @torch.no_grad()
     def _accumulate_average(self, loc: torch.Tensor, scale: torch.Tensor) -> None:
@@ -319,7 +378,13 @@ class ScoreProximalSVI:
         self._average[0].lerp_(loc, weight)
         self._average[1].lerp_(scale.square(), weight)
 
-    def _gaussian_step(self, family: GaussianFamily, weight: float, args, kwargs):
+    def _gaussian_step(self, family: GaussianFamily, args, kwargs):
+        rule = self.step_rule
+        weight = (
+            float(rule.weights(self._gaussian_steps)[0])
+            if isinstance(rule, FixedStep)
+            else defaults.PROX_WEIGHT  # no adaptive rule for the inner-step families (yet)
+        )
         posterior, guide_params = family.posterior_and_params()
         frozen = frozen_copy(posterior)
         draw = _reflecting_sampler(frozen, self.antithetic)
@@ -364,7 +429,8 @@ class ScoreProximalSVI:
             self._log_joint = LogJoint(self.model, self._family.transforms)
             diagonal_only = {
                 "average_after": self.average_after is not None,
-                "scale_prox_weight": self.scale_prox_weight is not None,
+                "scale_prox_weight": isinstance(self.step_rule, FixedStep)
+                and self.step_rule.scale_prox_weight is not None,
                 "distributed=True": self.distributed,
             }
             for option, used in diagonal_only.items():
@@ -374,45 +440,24 @@ class ScoreProximalSVI:
                         f"{type(self.guide).__name__}); leave it out for full- and low-rank "
                         "guides."
                     )
-            core = partial(
-                diagonal_core,
+            sums = partial(
+                particle_sums,
                 self._log_joint,
                 self._family,
                 num_particles=self.num_particles,
                 antithetic=self.antithetic,
-                num_alternations=self.num_alternations,
-                reduce=_all_reduce_mean if self.distributed else None,
                 learn_params=self.optim is not None,
+                reduce=_all_reduce_mean if self.distributed else None,
             )
-            # A collective cannot be recorded in a graph: distributed steps stay eager.
+            # Opt-in only (it changes what a step means: see fast_path.py). A collective cannot
+            # be recorded in a graph: distributed steps stay eager.
             use_graph = self.fast_path is not False and not self.distributed
-            self._diagonal_core = (
-                TracedStep(
-                    core,
-                    required=self.fast_path in (True, "compile"),
-                    compile=self.fast_path == "compile",
-                )
+            self._particle_sums = (
+                TracedStep(sums, required=True, compile=self.fast_path == "compile")
                 if use_graph
-                else core
+                else sums
             )
         return self._family
-
-    def _current_weight(self) -> tuple[float, float]:
-        """``(lambda, lambda_s)`` at this step; ``scale_prox_weight=None`` is the paper's
-        single weight, ``lambda_s = lambda``."""
-        weight = self._weight_at("prox_weight")
-        if self.scale_prox_weight is None:
-            return weight, weight
-        return weight, self._weight_at("scale_prox_weight")
-
-    def _weight_at(self, name: str) -> float:
-        weight = float(getattr(self, name)(self.num_steps))
-        if not weight > 0:
-            raise ValueError(
-                f"{name} must be positive at every step (got {weight!r} at step "
-                f"{self.num_steps}); check the schedule passed as {name}."
-            )
-        return weight
 
     def _step_model_params(self, params, grads, num_particles: int) -> None:
         if not params:
@@ -436,10 +481,10 @@ class ScoreProximalSVI:
         self._rejected_in_a_row += 1
         if self.num_rejected_steps == 1:
             warnings.warn(
-                f"ScoreProximalSVI rejected a step with non-finite scores or update (loss = "
-                f"{loss}); the guide was left unchanged. Further rejections are counted in "
-                "num_rejected_steps without warning. Check the model's log density or raise "
-                "prox_weight.",
+                f"ScoreProximalSVI rejected a step (loss = {loss}): its scores or update were not "
+                "finite, or its -ELBO estimate was sharply worse than the previous iterate's; "
+                "the guide was left at a finite iterate (the previous one when reverted). "
+                "Further rejections are counted in num_rejected_steps without warning.",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -448,64 +493,13 @@ class ScoreProximalSVI:
                 f"ScoreProximalSVI: the last {STUCK_AFTER} steps were all rejected, so the guide "
                 "is stuck where the model's scores are not finite (often after a first step "
                 "that overshot from a wide initial guide, e.g. with an exp link). Restart with a "
-                "narrower initial guide (AutoNormal(model, init_scale=0.01)) and "
-                "num_alternations=1, or a larger prox_weight; see 'Far from the mode' in "
+                "narrower initial guide (AutoNormal(model, init_scale=0.01)) or check the "
+                "model's log density at the guide's initial point; see 'Far from the mode' in "
                 "docs/pitfalls.md.",
                 RuntimeWarning,
                 stacklevel=3,
             )
         logger.debug("rejected step %d (loss %s)", self.num_steps, loss)
-
-
-def diagonal_core(
-    log_joint: LogJoint,
-    family: DiagonalFamily,
-    loc: torch.Tensor,
-    scale: torch.Tensor,
-    weight: torch.Tensor,
-    args: tuple,
-    kwargs: dict,
-    *,
-    num_particles: int,
-    antithetic: bool,
-    num_alternations: int,
-    reduce: Callable | None = None,
-    learn_params: bool = True,
-):
-    """One closed-form step from the frozen ``(loc, scale)``, without touching the param store.
-
-    ``weight`` is the tensor ``(lambda, lambda_s)`` of the step (a graph input of the fast path,
-    so that schedules do not re-trace). Returns
-    ``(new_loc, new_scale, loss, finite, model_params, model_param_grads)`` where ``loss`` is the
-    negative ELBO estimate of :math:`q_t` and ``finite`` a boolean tensor that is true when the
-    loss and the update are finite (and the new scale positive). ``reduce`` combines the
-    statistics across processes (``distributed=True``).
-    """
-    sums, total, params, param_grads = particle_sums(
-        log_joint,
-        family,
-        loc,
-        scale,
-        args,
-        kwargs,
-        num_particles=num_particles,
-        antithetic=antithetic,
-        learn_params=learn_params,
-    )
-    if reduce is not None:
-        sums, total = reduce(sums, total)
-    stats = ScoreStatistics(*(sums / num_particles).unbind())
-    new_loc, new_scale = diagonal_proximal_update(
-        loc, scale, stats, weight[0], num_alternations, scale_prox_weight=weight[1]
-    )
-    loss = -(total / num_particles + family.entropy(scale))
-    finite = (
-        torch.isfinite(loss)
-        & torch.isfinite(new_loc).all()
-        & torch.isfinite(new_scale).all()
-        & (new_scale > 0).all()
-    )
-    return new_loc, new_scale, loss, finite, params, param_grads
 
 
 def particle_sums(
@@ -519,6 +513,7 @@ def particle_sums(
     num_particles: int,
     antithetic: bool,
     learn_params: bool = True,
+    reduce: Callable | None = None,
 ):
     """The particle loop of a diagonal step: ``S`` forward/backward passes of the log joint.
 
@@ -526,6 +521,7 @@ def particle_sums(
     :math:`\\delta`, :math:`\\delta^2`, :math:`\\delta\\hat g` and :math:`\\hat g` stacked as
     a ``(4, d)`` tensor (:math:`O(d)` memory whatever ``S`` is), the summed log joint, and the
     model's own parameters with their summed gradients (empty unless ``learn_params``).
+    ``reduce`` averages the sums across processes (``distributed=True``).
     """
     sums = torch.zeros((4,) + loc.shape, dtype=loc.dtype, device=loc.device)
     draw = _diagonal_sampler(loc, scale, antithetic)
@@ -540,6 +536,8 @@ def particle_sums(
         total = total + value
         sums = sums + torch.stack([offset, offset * offset, offset * score, score])
         param_grads = _accumulate(param_grads, pgrads)
+    if reduce is not None:
+        sums, total = reduce(sums, total)
     return sums, total, params, param_grads
 
 
@@ -595,6 +593,44 @@ def _reflecting_sampler(posterior, antithetic: bool):
         return None, theta.detach().clone()
 
     return draw
+
+
+def _is_validation_error(error: ValueError) -> bool:
+    """The ``ValueError`` of ``Distribution.__init__`` / ``_validate_sample`` argument checks."""
+    return str(error).startswith(("Expected parameter", "Expected value argument"))
+
+
+def _clone(tree):
+    """Deep copy of a state's tensors (nested tuples, lists and dicts)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return {k: _clone(v) for k, v in tree.items()}
+    if isinstance(tree, tuple):
+        return type(tree)(*map(_clone, tree)) if hasattr(tree, "_fields") else tuple(
+            map(_clone, tree)
+        )
+    if isinstance(tree, list):
+        return [_clone(v) for v in tree]
+    return tree
+
+
+def _particles_from_loss(loss: Any, num_particles: int | None) -> int:
+    """``num_particles`` from an ``ELBO`` passed as ``loss`` (SVI's fourth argument)."""
+    if loss is None:
+        return defaults.NUM_PARTICLES if num_particles is None else num_particles
+    if not isinstance(loss, ELBO):
+        raise TypeError(
+            "loss must be a pyro.infer ELBO such as Trace_ELBO(num_particles=2) or None (got "
+            f"{type(loss).__name__}); ScoreProximalSVI replaces ELBO gradients by scores, so "
+            "the ELBO only sets num_particles and the estimator of svi.loss(...)."
+        )
+    if num_particles is not None and num_particles != loss.num_particles:
+        raise ValueError(
+            f"num_particles={num_particles} disagrees with loss.num_particles="
+            f"{loss.num_particles}; pass one of them."
+        )
+    return loss.num_particles
 
 
 def _accumulate(total, grads):

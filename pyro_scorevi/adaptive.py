@@ -1,0 +1,164 @@
+"""The elementwise part of :class:`~pyro_scorevi.step_rules.AdaptiveStep` (PyTorch).
+
+Given the frozen :math:`(m_t, s_t)`, the step's :class:`~pyro_scorevi.proximal.ScoreStatistics`
+and the rule's running statistics, :func:`adaptive_update` returns the clamped closed-form step
+and the new statistics. Pure functions over tensors: no param store, no model. The JAX mirror
+is :mod:`pyro_scorevi.numpyro.adaptive` (same names, same maths); the maths is documented on
+:class:`~pyro_scorevi.step_rules.AdaptiveStep`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from pyro_scorevi.proximal import ScoreStatistics, diagonal_proximal_update
+from pyro_scorevi.step_rules import AdaptiveStep
+
+__all__ = ["RateState", "init_rates", "adaptive_update", "scale_bounds", "step_directions"]
+
+
+class RateState(NamedTuple):
+    """Per-coordinate running statistics of :class:`~pyro_scorevi.step_rules.AdaptiveStep`.
+
+    Attributes:
+        mean_trend, scale_trend: running means :math:`a` of the signs of the mean's and the
+            log-precision's proposals.
+        mean_memory, scale_memory: their memories :math:`\\tau` (in steps).
+        mean_radius: the mean's trust radius :math:`r` (in standard deviations).
+        log_scale_radius: the log-scale's trust radius :math:`u`.
+        last_mean_step, last_log_scale_step: the previous accepted step (for the radii's Rprop
+            rule).
+    """
+
+    mean_trend: torch.Tensor
+    scale_trend: torch.Tensor
+    mean_memory: torch.Tensor
+    scale_memory: torch.Tensor
+    mean_radius: torch.Tensor
+    log_scale_radius: torch.Tensor
+    last_mean_step: torch.Tensor
+    last_log_scale_step: torch.Tensor
+
+
+def init_rates(loc: torch.Tensor, rule: AdaptiveStep) -> RateState:
+    """Fresh statistics for coordinates shaped like ``loc``."""
+    zeros = torch.zeros_like(loc)
+    memory = torch.full_like(loc, rule.initial_memory)
+    return RateState(
+        zeros,
+        zeros.clone(),
+        memory,
+        memory.clone(),
+        torch.full_like(loc, rule.initial_mean_radius),
+        torch.full_like(loc, rule.initial_log_scale_radius),
+        zeros.clone(),
+        zeros.clone(),
+    )
+
+
+def scale_bounds(dtype: torch.dtype) -> tuple[float, float]:
+    """``(smallest, largest)`` guide scale: :math:`(\\text{tiny}^{1/4}, \\text{max}^{1/4})` of
+    the dtype (float32: 3.3e-10 and 4.3e9), so that :math:`s^2`, :math:`1/s^2` and
+    :math:`s^2 \\hat g` stay finite and no draw collapses onto the mean."""
+    info = torch.finfo(dtype)
+    return info.tiny**0.25, info.max**0.25
+
+
+def step_directions(
+    scale: torch.Tensor, stats: ScoreStatistics
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signs of the mean's natural-gradient proposal :math:`\\bar\\delta + s^2\\bar g` and of the
+    log-precision's Stein proposal :math:`\\log(-\\mathrm{Cov}(\\delta, g)/\\mathrm{Var}\\,\\delta)
+    + \\log s^2` (:math:`-1` where the covariance is not negative: the precision falls)."""
+    w = scale.square()
+    mean_direction = torch.sign(stats.mean_offset + w * stats.mean_score)
+    spread = stats.mean_sq_offset - stats.mean_offset.square()
+    cross = stats.mean_offset_score - stats.mean_offset * stats.mean_score
+    # -cross / spread > 1 / w  <=>  -cross * w > spread (no division, no log).
+    precision_direction = torch.where(-cross * w > spread, 1.0, -1.0).to(scale.dtype)
+    return mean_direction, precision_direction
+
+
+def _trend(trend, memory, direction, min_memory):
+    trend = trend + (direction - trend) / memory
+    agreement = trend.square()
+    memory = ((1 - agreement) * memory + 1).clamp_min(min_memory)
+    return trend, memory, agreement
+
+
+def _radius(radius, step, last, rule, largest, smallest):
+    turn = step * last
+    factor = torch.where(
+        turn > 0, rule.radius_growth, torch.where(turn < 0, rule.radius_shrink, 1.0)
+    )
+    return (radius * factor).clamp(smallest, largest)
+
+
+def adaptive_update(
+    loc: torch.Tensor,
+    scale: torch.Tensor,
+    stats: ScoreStatistics,
+    rates: RateState,
+    trust: torch.Tensor | float,
+    rule: AdaptiveStep,
+) -> tuple[torch.Tensor, torch.Tensor, RateState, torch.Tensor]:
+    """One adaptive closed-form step from the frozen ``(loc, scale)``.
+
+    Returns:
+        ``(new_loc, new_scale, new_rates, mean_rate)``; ``mean_rate`` is the per-coordinate
+        :math:`\\eta_m` used (a diagnostic).
+    """
+    mean_direction, precision_direction = step_directions(scale, stats)
+    mean_trend, mean_memory, mean_agreement = _trend(
+        rates.mean_trend, rates.mean_memory, mean_direction, rule.min_memory
+    )
+    scale_trend, scale_memory, scale_agreement = _trend(
+        rates.scale_trend, rates.scale_memory, precision_direction, rule.min_memory
+    )
+    mean_rate = (trust * rule.max_mean_rate * mean_agreement).clamp(
+        rule.min_rate, rule.max_mean_rate
+    )
+    scale_rate = (trust * rule.max_scale_rate * scale_agreement).clamp(
+        rule.min_rate, rule.max_scale_rate
+    )
+    proposed_loc, proposed_scale = diagonal_proximal_update(
+        loc, scale, stats, 2 / mean_rate - 2, 1, scale_prox_weight=4 / scale_rate - 4
+    )
+    # The trust region, in units of the narrower of q_t and q_{t+1}.
+    mean_step = proposed_loc - loc
+    log_scale_step = torch.log(proposed_scale / scale)
+    mean_radius = _radius(
+        rates.mean_radius,
+        mean_step,
+        rates.last_mean_step,
+        rule,
+        rule.max_mean_radius,
+        rule.min_mean_radius,
+    )
+    log_scale_radius = _radius(
+        rates.log_scale_radius,
+        log_scale_step,
+        rates.last_log_scale_step,
+        rule,
+        rule.max_log_scale_radius,
+        rule.min_mean_radius * rule.max_log_scale_radius,
+    )
+    bound = trust * mean_radius * torch.minimum(scale, proposed_scale)
+    mean_step = torch.maximum(torch.minimum(mean_step, bound), -bound)
+    log_bound = trust * log_scale_radius
+    log_scale_step = torch.maximum(torch.minimum(log_scale_step, log_bound), -log_bound)
+    smallest, largest = scale_bounds(scale.dtype)
+    new_scale = (scale * log_scale_step.exp()).clamp(smallest, largest)
+    new_rates = RateState(
+        mean_trend,
+        scale_trend,
+        mean_memory,
+        scale_memory,
+        mean_radius,
+        log_scale_radius,
+        mean_step,
+        log_scale_step,
+    )
+    return loc + mean_step, new_scale, new_rates, mean_rate

@@ -1,0 +1,176 @@
+"""Functional core of the diagonal score-proximal step (PyTorch): ``State``, ``init``, ``update``.
+
+No param store, no model: :func:`update` takes the frozen iterate's step statistics (from
+:func:`pyro_scorevi.svi.particle_sums`) and its -ELBO estimate, and returns the next
+:class:`DiagonalState` and a :class:`StepInfo`. :class:`~pyro_scorevi.ScoreProximalSVI` is a
+thin shell that reads the guide into a state, calls :func:`update` and writes the result back.
+The JAX mirror is :mod:`pyro_scorevi.numpyro.svi` (same field names).
+
+Under :class:`~pyro_scorevi.step_rules.AdaptiveStep` a step is one of:
+
+* *accepted*: the loss of :math:`q_t` is finite and not sharply worse than that of the
+  previous iterate; :math:`q_t` becomes the backup and the guide moves to :math:`q_{t+1}`;
+* *reverted*: the loss of :math:`q_t` (measured now, on this step's particles) is not finite or
+  worse than the backup's by more than the tolerance; the guide returns to the backup and the
+  trust :math:`\\kappa` is multiplied by ``backoff`` (the retry is smaller);
+* *rejected*: no backup to return to and a non-finite loss or update; the guide is kept.
+
+Under :class:`~pyro_scorevi.step_rules.FixedStep` a step is accepted or rejected (non-finite).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from pyro_scorevi.adaptive import RateState, adaptive_update, init_rates
+from pyro_scorevi.proximal import ScoreStatistics, diagonal_proximal_update
+from pyro_scorevi.step_rules import AdaptiveStep, FixedStep, StepRule
+
+__all__ = ["DiagonalState", "StepInfo", "init", "update"]
+
+
+class DiagonalState(NamedTuple):
+    """Everything a diagonal step needs to continue exactly (``state_dict`` carries it).
+
+    Attributes:
+        loc, scale: the current iterate :math:`(m_t, s_t)`, flat.
+        rates: the :class:`~pyro_scorevi.adaptive.RateState` (``None`` under ``FixedStep``).
+        trust: :math:`\\kappa \\in (0, 1]`, scales rates and trust radii (``AdaptiveStep``).
+        backup_loc, backup_scale: the previous accepted iterate (``None`` when there is none,
+            e.g. right after a revert).
+        backup_loss: the -ELBO estimate of the backup, measured when it was current.
+        loss_noise: running mean of :math:`(L_t - L_{t-1})^2/2` over accepted steps, the
+            variance of the estimate's step-to-step noise (0 before two accepted steps).
+        step: accepted steps so far (the ``t`` of a ``FixedStep`` schedule).
+        num_rejected: reverted and rejected steps so far.
+        rejected_in_a_row: consecutive reverted or rejected steps.
+    """
+
+    loc: torch.Tensor
+    scale: torch.Tensor
+    rates: RateState | None
+    trust: float
+    backup_loc: torch.Tensor | None
+    backup_scale: torch.Tensor | None
+    backup_loss: float
+    loss_noise: float
+    step: int
+    num_rejected: int
+    rejected_in_a_row: int
+
+
+class StepInfo(NamedTuple):
+    """What one :func:`update` did.
+
+    Attributes:
+        loss: the -ELBO estimate of the frozen :math:`q_t` (a float).
+        accepted: the guide moved to a new iterate (model params may step too).
+        reverted: the guide returned to the previous iterate.
+        mean_rate: the mean :math:`\\eta_m` over coordinates (``AdaptiveStep``), else ``nan``.
+    """
+
+    loss: float
+    accepted: bool
+    reverted: bool
+    mean_rate: float
+
+
+def init(loc: torch.Tensor, scale: torch.Tensor, rule: StepRule) -> DiagonalState:
+    """The state at a guide's current ``(loc, scale)``."""
+    rates = init_rates(loc, rule) if isinstance(rule, AdaptiveStep) else None
+    return DiagonalState(loc, scale, rates, 1.0, None, None, math.nan, 0.0, 0, 0, 0)
+
+
+def update(
+    state: DiagonalState, stats: ScoreStatistics, loss: float, rule: StepRule
+) -> tuple[DiagonalState, StepInfo]:
+    """One step from ``state``, given the statistics and -ELBO estimate of its iterate."""
+    finite_stats = bool(torch.stack([torch.isfinite(s).all() for s in stats]).all())
+    finite = finite_stats and math.isfinite(loss)
+    if isinstance(rule, FixedStep):
+        return _fixed_update(state, stats, loss, finite, rule)
+    if state.backup_loc is not None:
+        tolerance = (
+            rule.revert_tolerance * abs(state.backup_loss)
+            + rule.revert_noise * math.sqrt(state.loss_noise)
+            + 1.0
+        )
+        if not finite or loss > state.backup_loss + tolerance:
+            reverted = state._replace(
+                loc=state.backup_loc,
+                scale=state.backup_scale,
+                backup_loc=None,
+                backup_scale=None,
+                trust=_backed_off(state.trust, rule),
+            )
+            return _failed(reverted), StepInfo(loss, False, True, math.nan)
+    if not finite:
+        return _failed(state._replace(trust=_backed_off(state.trust, rule))), StepInfo(
+            loss, False, False, math.nan
+        )
+    new_loc, new_scale, rates, mean_rate = adaptive_update(
+        state.loc, state.scale, stats, state.rates, state.trust, rule
+    )
+    if not bool(torch.isfinite(new_loc).all() & torch.isfinite(new_scale).all()):
+        return _failed(state._replace(trust=_backed_off(state.trust, rule))), StepInfo(
+            loss, False, False, math.nan
+        )
+    noise = state.loss_noise
+    if state.backup_loc is not None:  # two accepted losses in a row: one noise sample
+        noise = 0.9 * noise + 0.1 * 0.5 * (loss - state.backup_loss) ** 2
+    new_state = state._replace(
+        loc=new_loc,
+        scale=new_scale,
+        rates=rates,
+        trust=min(1.0, state.trust * rule.recovery),
+        backup_loc=state.loc,
+        backup_scale=state.scale,
+        backup_loss=loss,
+        loss_noise=noise,
+        step=state.step + 1,
+        rejected_in_a_row=0,
+    )
+    return new_state, StepInfo(loss, True, False, float(mean_rate.mean()))
+
+
+def _fixed_update(state, stats, loss, finite, rule: FixedStep):
+    weight, scale_weight = (float(w) for w in rule.weights(state.step))
+    for name, value in (("prox_weight", weight), ("scale_prox_weight", scale_weight)):
+        if not value > 0:
+            raise ValueError(
+                f"{name} must be positive at every step (got {value!r} at step {state.step}); "
+                f"check the schedule passed as {name}."
+            )
+    if finite:
+        new_loc, new_scale = diagonal_proximal_update(
+            state.loc, state.scale, stats, weight, rule.num_alternations, scale_weight
+        )
+        finite = bool(
+            torch.isfinite(new_loc).all()
+            & torch.isfinite(new_scale).all()
+            & (new_scale > 0).all()
+        )
+    if not finite:
+        return _failed(state), StepInfo(loss, False, False, math.nan)
+    new_state = state._replace(
+        loc=new_loc, scale=new_scale, step=state.step + 1, rejected_in_a_row=0
+    )
+    return new_state, StepInfo(loss, True, False, math.nan)
+
+
+#: Floor of the trust kappa: ten halvings. Lower, a streak of failures would leave steps so
+#: small that recovering (x recovery per accepted step) took hundreds of steps.
+MIN_TRUST = 2.0**-10
+
+
+def _backed_off(trust: float, rule: AdaptiveStep) -> float:
+    return max(MIN_TRUST, trust * rule.backoff)
+
+
+def _failed(state: DiagonalState) -> DiagonalState:
+    return state._replace(
+        num_rejected=state.num_rejected + 1, rejected_in_a_row=state.rejected_in_a_row + 1
+    )
