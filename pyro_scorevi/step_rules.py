@@ -93,11 +93,13 @@ class AdaptiveStep:
     initial_memory: float = 10.0
     min_memory: float = 2.0
     min_rate: float = 1e-4
+    num_alternations: int = 1
+    scale_to_mean_rate: float = 0.5
     initial_mean_radius: float = 1.0
     #: 1e4 sds: a coefficient 1000s of posterior sds from its start (raw-scale predictors)
     #: gets there in tens of agreeing steps (growth 1.5 per step).
     max_mean_radius: float = 1e4
-    min_mean_radius: float = 1e-2
+    min_mean_radius: float = 1.0
     initial_log_scale_radius: float = 0.25
     #: a scale changes by at most e (x 2.7) per step.
     max_log_scale_radius: float = 1.0

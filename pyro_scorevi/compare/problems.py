@@ -66,7 +66,8 @@ class Problem:
         grad_evals: default budget of gradient evaluations per fit.
         batch_size: mini-batch size of the likelihood plate (``None``: no data or full batch).
         elbo_lr: Adam learning rate of the ELBO baseline.
-        prox_weight: proximal weight of the score-proximal method.
+        prox_weight: a fixed proximal weight for the score-proximal method (``FixedStep``);
+            ``None`` (every problem): the library's default ``AdaptiveStep``.
         scale_prox_weight: its separate weight on the scale part (``None``: ``prox_weight``).
         init_scale: initial ``scale`` of the ``AutoNormal`` guide, shared by both methods.
         build: ``build() -> (ModelSpec, Dataset, prior)``, cached by :meth:`load`.
@@ -80,7 +81,7 @@ class Problem:
     batch_size: int | None
     build: Callable[[], tuple[ModelSpec, Dataset, Any]]
     elbo_lr: float = 1e-2
-    prox_weight: float = 100.0
+    prox_weight: float | None = None
     scale_prox_weight: float | None = None
     init_scale: float = 0.1
 
@@ -383,13 +384,6 @@ _register(
         # At AutoNormal's default 0.1 neither method leaves the uniform predictive (accuracy
         # 0.10 after 3000 evaluations, 3 seeds); at 0.01 the ELBO baseline learns.
         init_scale=0.01,
-        # With one weight (lambda = 100) the scales grow to the prior's within ~300 steps,
-        # before the means (steps ~ 2 s^2 g / lambda) have moved: accuracy 0.10. Slow scales
-        # and faster means learn it (docs/pitfalls.md, "Networks trained from scratch").
-        # lambda = 10 learns earlier than 20 (test NLL at 3000 evaluations, 3 seeds: 0.83 vs
-        # 1.20), at the price of occasional one-checkpoint spikes in long runs (docs/results.md).
-        prox_weight=10.0,
-        scale_prox_weight=1e3,
     ),
 )
 _register(
