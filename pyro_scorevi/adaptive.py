@@ -27,9 +27,7 @@ class RateState(NamedTuple):
             log-precision's proposals.
         mean_memory, scale_memory: their memories :math:`\\tau` (in steps).
         mean_radius: the mean's trust radius :math:`r` (in standard deviations).
-        log_scale_radius: the log-scale's trust radius :math:`u`.
-        last_mean_step, last_log_scale_step: the previous accepted step (for the radii's Rprop
-            rule).
+        last_mean_step: the previous accepted mean step (for the radius' Rprop rule).
     """
 
     mean_trend: torch.Tensor
@@ -37,9 +35,7 @@ class RateState(NamedTuple):
     mean_memory: torch.Tensor
     scale_memory: torch.Tensor
     mean_radius: torch.Tensor
-    log_scale_radius: torch.Tensor
     last_mean_step: torch.Tensor
-    last_log_scale_step: torch.Tensor
 
 
 def init_rates(loc: torch.Tensor, rule: AdaptiveStep) -> RateState:
@@ -52,8 +48,6 @@ def init_rates(loc: torch.Tensor, rule: AdaptiveStep) -> RateState:
         memory,
         memory.clone(),
         torch.full_like(loc, rule.initial_mean_radius),
-        torch.full_like(loc, rule.initial_log_scale_radius),
-        zeros.clone(),
         zeros.clone(),
     )
 
@@ -140,18 +134,10 @@ def adaptive_update(
         rule.max_mean_radius,
         rule.min_mean_radius,
     )
-    log_scale_radius = _radius(
-        rates.log_scale_radius,
-        log_scale_step,
-        rates.last_log_scale_step,
-        rule,
-        rule.max_log_scale_radius,
-        rule.min_mean_radius * rule.max_log_scale_radius,
-    )
     bound = trust * mean_radius * torch.minimum(scale, proposed_scale)
     mean_step = torch.maximum(torch.minimum(mean_step, bound), -bound)
-    log_bound = trust * log_scale_radius
-    log_scale_step = torch.maximum(torch.minimum(log_scale_step, log_bound), -log_bound)
+    log_bound = trust * rule.max_log_scale_step
+    log_scale_step = log_scale_step.clamp(-log_bound, log_bound)
     smallest, largest = scale_bounds(scale.dtype)
     new_scale = (scale * log_scale_step.exp()).clamp(smallest, largest)
     new_rates = RateState(
@@ -160,8 +146,6 @@ def adaptive_update(
         mean_memory,
         scale_memory,
         mean_radius,
-        log_scale_radius,
         mean_step,
-        log_scale_step,
     )
     return loc + mean_step, new_scale, new_rates, mean_rate

@@ -72,8 +72,8 @@ class AdaptiveStep:
         min_rate: floor of both rates (keeps the weights finite).
         initial_mean_radius, max_mean_radius, min_mean_radius: the mean's trust radius
             :math:`r_j` in standard deviations of :math:`q`.
-        initial_log_scale_radius, max_log_scale_radius: the log-scale's trust radius
-            :math:`u_j` (a factor :math:`e^{u}` per step at most).
+        max_log_scale_step: :math:`u`, the log-scale's trust radius (a factor :math:`e^{u}`
+            per step at most).
         radius_growth, radius_shrink: Rprop factors of the radii.
         revert_tolerance, revert_noise: a step is reverted when the next -ELBO estimate exceeds
             the previous one by more than ``revert_tolerance * |loss| + revert_noise * sd + 1``,
@@ -100,9 +100,8 @@ class AdaptiveStep:
     #: gets there in tens of agreeing steps (growth 1.5 per step).
     max_mean_radius: float = 1e4
     min_mean_radius: float = 1.0
-    initial_log_scale_radius: float = 0.25
-    #: a scale changes by at most e (x 2.7) per step.
-    max_log_scale_radius: float = 1.0
+    #: a scale changes by at most a factor e (x 2.7) per step.
+    max_log_scale_step: float = 1.0
     radius_growth: float = 1.5
     radius_shrink: float = 0.5
     revert_tolerance: float = 0.1
@@ -118,8 +117,7 @@ class AdaptiveStep:
             "initial_mean_radius",
             "max_mean_radius",
             "min_mean_radius",
-            "initial_log_scale_radius",
-            "max_log_scale_radius",
+            "max_log_scale_step",
             "radius_growth",
             "revert_tolerance",
             "revert_noise",
@@ -158,11 +156,6 @@ class AdaptiveStep:
                 "the mean radii must satisfy min_mean_radius <= initial_mean_radius <= "
                 f"max_mean_radius (got {self.min_mean_radius}, {self.initial_mean_radius}, "
                 f"{self.max_mean_radius})."
-            )
-        if self.initial_log_scale_radius > self.max_log_scale_radius:
-            raise ValueError(
-                "initial_log_scale_radius must be <= max_log_scale_radius (got "
-                f"{self.initial_log_scale_radius} > {self.max_log_scale_radius})."
             )
 
 

@@ -104,7 +104,9 @@ def solve_precision(
     a = spread + jnp.square(stats.mean_offset - shift)
     c_cross = stats.mean_offset_score - shift * stats.mean_score
     b = 2 * w * c_cross + 0.5 * (lam_s * w + prox_weight * jnp.square(shift))
-    disc = jnp.sqrt(jnp.square(b) + 4 * w * a * lam_s)
+    # sqrt(b^2 + 4wA lambda) as a hypot: b^2 overflows float32 once |b| > 1.8e19 (as the
+    # torch mirror).
+    disc = jnp.hypot(b, 2 * frozen_scale * jnp.sqrt(a) * jnp.sqrt(lam_s))
     # Both branches are evaluated; jnp.where picks the stable one. ``4 w A`` is clamped away
     # from zero only to keep the unused branch finite (A = 0 has probability zero).
     four_wa = jnp.maximum(4 * w * a, jnp.finfo(w.dtype).tiny)

@@ -31,10 +31,10 @@ Neural Networks", arXiv:2602.05873, 2026.
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 from collections import namedtuple
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
@@ -46,6 +46,7 @@ from numpyro import handlers
 from numpyro.optim import Adam, _NumPyroOptim, optax_to_numpyro
 
 from pyro_scorevi import defaults
+from pyro_scorevi.config import ScoreProximalConfig, check_int
 from pyro_scorevi.numpyro.guides import (
     DiagonalFamily,
     MultivariateFamily,
@@ -61,7 +62,9 @@ from pyro_scorevi.numpyro.scores import (
     particle_scores,
     standard_normal_particles,
 )
-from pyro_scorevi.schedules import ProxWeight, as_schedule
+from pyro_scorevi.numpyro.adaptive import RateState, adaptive_update, init_rates
+from pyro_scorevi.schedules import ProxWeight
+from pyro_scorevi.step_rules import AdaptiveStep, StepRule
 
 __all__ = [
     "ScoreProximalConfig",
@@ -92,6 +95,11 @@ class ScoreProximalState(NamedTuple):
         average: with ``average_after``, ``(locs, squared scales, count)``: the running means
             of the iterates :math:`(m_t, s_t^2)` taken after step ``average_after`` and their
             number (read them with :meth:`ScoreProximalSVI.get_averaged_params`); else ``()``.
+        rule: the :class:`AdaptiveState` of the adaptive step rule (diagonal guides); ``()``
+            under ``FixedStep``.
+        num_rejected: reverted and rejected steps so far (int32).
+        rejected_in_a_row: consecutive reverted or rejected steps (int32); a fit whose count
+            keeps growing is stuck.
     """
 
     params: dict
@@ -99,81 +107,60 @@ class ScoreProximalState(NamedTuple):
     step: jax.Array
     rng_key: jax.Array
     average: Any = ()
+    rule: Any = ()
+    num_rejected: Any = 0
+    rejected_in_a_row: Any = 0
 
 
-#: ``(params, state, losses)``, like ``numpyro.infer.svi.SVIRunResult``.
-ScoreProximalRunResult = namedtuple("ScoreProximalRunResult", ["params", "state", "losses"])
-ScoreProximalRunResult.__doc__ = """What :meth:`ScoreProximalSVI.run` returns, as ``SVIRunResult``.
+class AdaptiveState(NamedTuple):
+    """The running state of :class:`~pyro_scorevi.step_rules.AdaptiveStep` (the JAX mirror of
+    the rule part of :class:`pyro_scorevi.core.DiagonalState`).
 
-Attributes:
-    params: the fitted guide parameters (constrained), for ``guide.sample_posterior`` and
-        ``Predictive``.
-    state: the final :class:`ScoreProximalState`, to resume with ``init_state=``.
-    losses: the negative ELBO estimate of every step, shape ``(num_steps,)``.
-"""
-
-
-@dataclass(frozen=True)
-class ScoreProximalConfig:
-    """Validated hyper-parameters (same names and defaults as the Pyro class).
-
-    Args:
-        num_particles: :math:`S \\ge 1` particles per step (with ``antithetic``, an odd last
-            particle is drawn plainly, as in the Pyro class).
-        prox_weight: :math:`\\lambda > 0`, or a callable ``step -> weight`` such as
-            :class:`pyro_scorevi.schedules.PolynomialGrowth`.
-        scale_prox_weight: :math:`\\lambda_s`, a separate weight (or schedule) for the scale
-            part of the KL (diagonal guides); ``None``: ``prox_weight``, the paper's step.
-        antithetic: draw particles in pairs :math:`m \\pm s\\varepsilon`.
-        num_alternations: (precision, mean) alternations of the closed form, at least 1.
-        inner_optim: optimizer of the multivariate guides' inner steps: a ``numpyro.optim``
-            optimizer, a ``jax.example_libraries`` optimizer or an optax transform; ``None``
-            means ``numpyro.optim.Adam(defaults.INNER_LR)``.
-        num_inner_steps: :math:`K \\ge 2` inner steps (with :math:`K = 1` the KL term has zero
-            gradient at :math:`q = q_t`, so :math:`\\lambda` would not matter).
-        average_after: for diagonal guides, keep the running means of the iterates
-            :math:`(m_t, s_t^2)` after this many steps (Polyak-Ruppert averaging, as in the
-            Pyro class); ``None``: no averaging.
+    Attributes:
+        rates: site name to :class:`~pyro_scorevi.numpyro.adaptive.RateState`.
+        trust: :math:`\\kappa \\in (0, 1]`.
+        backup_locs, backup_scales: the previous accepted iterate (valid when ``has_backup``).
+        has_backup: whether there is one to revert to (false at the start and after a revert).
+        backup_loss: its -ELBO estimate.
+        loss_noise: running mean of :math:`(L_t - L_{t-1})^2/2` over accepted steps.
     """
 
-    num_particles: int = defaults.NUM_PARTICLES
-    prox_weight: ProxWeight = defaults.PROX_WEIGHT
-    antithetic: bool = defaults.ANTITHETIC
-    num_alternations: int = defaults.NUM_ALTERNATIONS
-    inner_optim: Any = None
-    num_inner_steps: int = defaults.NUM_INNER_STEPS
-    scale_prox_weight: ProxWeight | None = None
-    average_after: int | None = None
-
-    def __post_init__(self):
-        _check_int("num_particles", self.num_particles, 1)
-        if self.average_after is not None:
-            _check_int("average_after", self.average_after, 0)
-        _check_int("num_alternations", self.num_alternations, 1)
-        _check_int("num_inner_steps", self.num_inner_steps, 2)
-        if not isinstance(self.antithetic, bool):
-            raise TypeError(
-                f"antithetic must be a bool (got {type(self.antithetic).__name__} "
-                f"{self.antithetic!r}); use antithetic=True or antithetic=False."
-            )
-        object.__setattr__(self, "prox_weight", as_schedule(self.prox_weight))
-        if self.scale_prox_weight is not None:
-            scale_weight = as_schedule(self.scale_prox_weight, "scale_prox_weight")
-            object.__setattr__(self, "scale_prox_weight", scale_weight)
-        object.__setattr__(self, "inner_optim", _as_numpyro_optim(self.inner_optim))
+    rates: dict
+    trust: jax.Array
+    backup_locs: dict
+    backup_scales: dict
+    has_backup: jax.Array
+    backup_loss: jax.Array
+    loss_noise: jax.Array
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{name} must be an int (got {type(value).__name__} {value!r}); e.g. "
-            f"{name}={max(minimum, 2)}."
-        )
-    if value < minimum:
-        raise ValueError(
-            f"{name} must satisfy {name} >= {minimum} (got {name} = {value}); use "
-            f"{name} >= {minimum}."
-        )
+#: Floor of the trust kappa (as :data:`pyro_scorevi.core.MIN_TRUST`).
+MIN_TRUST = 2.0**-10
+
+
+class ScoreProximalRunResult(namedtuple("ScoreProximalRunResult", ["params", "state", "losses"])):
+    """What :meth:`ScoreProximalSVI.run` returns, as ``SVIRunResult``.
+
+    Attributes:
+        params: the fitted guide parameters (constrained), for ``guide.sample_posterior`` and
+            ``Predictive``.
+        state: the final :class:`ScoreProximalState`, to resume with ``init_state=``.
+        losses: the negative ELBO estimate of every step, shape ``(num_steps,)``.
+        num_rejected_steps: reverted and rejected steps of the whole fit.
+        stuck: whether the last ``STUCK_AFTER`` steps were all rejected.
+    """
+
+    @property
+    def num_rejected_steps(self) -> int:
+        return int(self.state.num_rejected)
+
+    @property
+    def stuck(self) -> bool:
+        return int(self.state.rejected_in_a_row) >= STUCK_AFTER
+
+
+#: Consecutive rejected steps after which a fit is reported stuck (as the Pyro class).
+STUCK_AFTER = 100
 
 
 def _as_numpyro_optim(optim: Any) -> _NumPyroOptim:
@@ -234,13 +221,13 @@ def init(
     # Weak types (Python floats) would change dtype after one step and re-trace jit/scan.
     params = jax.tree.map(lambda x: lax.convert_element_type(x, jnp.result_type(x)), params)
     family = family_of(guide)
-    for name in ("scale_prox_weight", "average_after"):
-        if getattr(config, name) is not None and not family.closed_form:
+    for name in config.diagonal_only_options():
+        if not family.closed_form:
             raise NotImplementedError(
                 f"{name} supports AutoNormal and AutoDiagonalNormal guides (got "
                 f"{type(guide).__name__}); leave it None for full- and low-rank guides."
             )
-    average = ()
+    average, rule = (), ()
     if family.closed_form:
         optim_state = ()
         if config.average_after is not None:
@@ -250,11 +237,29 @@ def init(
                 jax.tree.map(jnp.zeros_like, scales),
                 jnp.zeros((), jnp.int32),
             )
+        if config.adaptive:
+            rule = _init_adaptive(family, params, config.step_rule)
     else:
         params = family.break_symmetry(random.fold_in(guide_seed, 1), params, init_params)
         transforms = family.transforms(params)
-        optim_state = config.inner_optim.init({n: t.inv(params[n]) for n, t in transforms.items()})
-    return ScoreProximalState(params, optim_state, jnp.zeros((), jnp.int32), rng_key, average)
+        optim = _as_numpyro_optim(config.inner_optim)
+        optim_state = optim.init({n: t.inv(params[n]) for n, t in transforms.items()})
+    zero = jnp.zeros((), jnp.int32)
+    return ScoreProximalState(params, optim_state, zero, rng_key, average, rule, zero, zero)
+
+
+def _init_adaptive(family: DiagonalFamily, params: dict, rule: AdaptiveStep) -> AdaptiveState:
+    locs, scales = family.locs_scales(params)
+    dtype = jnp.result_type(*jax.tree.leaves(locs))
+    return AdaptiveState(
+        {k: init_rates(v, rule) for k, v in locs.items()},
+        jnp.ones((), dtype),
+        locs,
+        scales,
+        jnp.zeros((), bool),
+        jnp.full((), jnp.nan, dtype),
+        jnp.zeros((), dtype),
+    )
 
 
 def update(
@@ -265,28 +270,48 @@ def update(
     *args,
     **kwargs,
 ) -> tuple[ScoreProximalState, jax.Array]:
-    """One proximal step; returns ``(new_state, loss)`` with loss the negative ELBO of q_t."""
+    """One proximal step; returns ``(new_state, loss)`` with loss the negative ELBO of q_t.
+
+    Diagonal guides follow ``config.step_rule`` (see :mod:`pyro_scorevi.core` for the accepted /
+    reverted / rejected cases); ``step`` counts accepted steps and ``num_rejected`` the others.
+    """
     rng_key, step_key = random.split(state.rng_key)
     family = family_of(guide)
-    average = state.average
+    average, rule = state.average, state.rule
     if family.closed_form:
-        params, loss = _diagonal_step(model, family, config, state, step_key, args, kwargs)
+        params, loss, rule, accepted = _diagonal_step(
+            model, family, config, state, step_key, args, kwargs
+        )
         optim_state = state.optim_state
         if config.average_after is not None:
-            average = _accumulate_average(family, average, params, state.step + 1, config)
+            average = _accumulate_average(
+                family, average, params, state.step + 1, config, accepted
+            )
     else:
         params, optim_state, loss = _multivariate_step(
             model, family, config, state, step_key, args, kwargs
         )
-    return ScoreProximalState(params, optim_state, state.step + 1, rng_key, average), loss
+        accepted = jnp.ones((), bool)
+    failed = (~accepted).astype(jnp.int32)
+    new_state = ScoreProximalState(
+        params,
+        optim_state,
+        state.step + accepted.astype(jnp.int32),
+        rng_key,
+        average,
+        rule,
+        state.num_rejected + failed,
+        (state.rejected_in_a_row + failed) * failed,
+    )
+    return new_state, loss
 
 
-def _accumulate_average(family: DiagonalFamily, average, params, step, config):
+def _accumulate_average(family: DiagonalFamily, average, params, step, config, accepted=True):
     """Adds the iterate ``(m, s^2)`` after step ``step`` to the running means when
     ``step > average_after`` (a ``jnp.where``, so that ``jit``/``scan`` trace it once)."""
     avg_locs, avg_sq_scales, count = average
     locs, scales = family.locs_scales(params)
-    take = step > config.average_after
+    take = (step > config.average_after) & accepted
     new_count = count + take.astype(count.dtype)
     weight = jnp.where(take, 1.0 / jnp.maximum(new_count, 1), 0.0)
 
@@ -331,12 +356,8 @@ def _multivariate_particles(key, posterior, config: ScoreProximalConfig):
     return posterior.loc + eps @ posterior.scale_tril.T
 
 
-def _prox_weight(config: ScoreProximalConfig, step: jax.Array, dtype, name="prox_weight"):
-    # Cast so that a schedule computed in float64 never promotes float32 params (re-trace).
-    return jnp.asarray(getattr(config, name)(step), dtype=dtype)
-
-
 def _diagonal_step(model, family: DiagonalFamily, config, state, step_key, args, kwargs):
+    """Returns ``(params, loss, rule_state, accepted)``; the params are always finite."""
     particle_key, model_key = random.split(step_key)
     locs, scales = family.locs_scales(state.params)
     thetas, offsets = _diagonal_particles(particle_key, locs, scales, config)
@@ -344,19 +365,61 @@ def _diagonal_step(model, family: DiagonalFamily, config, state, step_key, args,
     log_p, scores = particle_scores(log_joint, family.to_latents, thetas)
     loss = -(log_p.mean() + family.entropy(scales))
     dtype = jnp.result_type(*jax.tree.leaves(locs))
-    weight = _prox_weight(config, state.step, dtype)
-    scale_weight = (
-        weight
-        if config.scale_prox_weight is None
-        else _prox_weight(config, state.step, dtype, "scale_prox_weight")
+    stats = {k: score_statistics(offsets[k], scores[k]) for k in locs}
+    finite = jnp.isfinite(loss) & _all_finite(stats)
+    if not config.adaptive:
+        rule = config.step_rule
+        weight, scale_weight = (jnp.asarray(w, dtype) for w in config.fixed_weights(state.step))
+        new_locs, new_scales = {}, {}
+        for k in locs:
+            new_locs[k], new_scales[k] = diagonal_proximal_update(
+                locs[k], scales[k], stats[k], weight, rule.num_alternations, scale_weight
+            )
+        positive = jnp.all(jnp.stack([jnp.all(v > 0) for v in jax.tree.leaves(new_scales)]))
+        accepted = finite & _all_finite((new_locs, new_scales)) & positive
+        new_locs = _select(accepted, new_locs, locs)
+        new_scales = _select(accepted, new_scales, scales)
+        return family.with_locs_scales(state.params, new_locs, new_scales), loss, (), accepted
+    rule, st = config.step_rule, state.rule
+    tolerance = (
+        rule.revert_tolerance * jnp.abs(st.backup_loss)
+        + rule.revert_noise * jnp.sqrt(st.loss_noise)
+        + 1.0
     )
-    new_locs, new_scales = {}, {}
+    revert = st.has_backup & (~finite | (loss > st.backup_loss + tolerance))
+    new_locs, new_scales, new_rates = {}, {}, {}
     for k in locs:
-        stats = score_statistics(offsets[k], scores[k])
-        new_locs[k], new_scales[k] = diagonal_proximal_update(
-            locs[k], scales[k], stats, weight, config.num_alternations, scale_weight
+        new_locs[k], new_scales[k], new_rates[k], _ = adaptive_update(
+            locs[k], scales[k], stats[k], st.rates[k], st.trust, rule
         )
-    return family.with_locs_scales(state.params, new_locs, new_scales), loss
+    accepted = ~revert & finite & _all_finite((new_locs, new_scales))
+    out_locs = _select(accepted, new_locs, _select(revert, st.backup_locs, locs))
+    out_scales = _select(accepted, new_scales, _select(revert, st.backup_scales, scales))
+    trust = jnp.where(
+        accepted,
+        jnp.minimum(1.0, st.trust * rule.recovery),
+        jnp.maximum(MIN_TRUST, st.trust * rule.backoff),
+    ).astype(dtype)
+    sample = 0.9 * st.loss_noise + 0.1 * 0.5 * jnp.square(loss - st.backup_loss)
+    new_rule = AdaptiveState(
+        _select(accepted, new_rates, st.rates),
+        trust,
+        _select(accepted, locs, st.backup_locs),
+        _select(accepted, scales, st.backup_scales),
+        jnp.where(accepted, True, jnp.where(revert, False, st.has_backup)),
+        jnp.where(accepted, loss, st.backup_loss).astype(dtype),
+        jnp.where(accepted & st.has_backup, sample, st.loss_noise).astype(dtype),
+    )
+    params = family.with_locs_scales(state.params, out_locs, out_scales)
+    return params, loss, new_rule, accepted
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _select(pred, on_true, on_false):
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
 def _multivariate_step(model, family: MultivariateFamily, config, state, step_key, args, kwargs):
@@ -367,7 +430,7 @@ def _multivariate_step(model, family: MultivariateFamily, config, state, step_ke
     log_joint = make_log_joint(model, args, kwargs, model_key)
     log_p, scores = particle_scores(log_joint, family.to_latents, thetas)
     loss = -(log_p.mean() + frozen.entropy())
-    weight = _prox_weight(config, state.step, loc_t.dtype)
+    weight = jnp.asarray(config.fixed_weights(state.step)[0], loc_t.dtype)
 
     transforms = family.transforms(state.params)
 
@@ -382,7 +445,7 @@ def _multivariate_step(model, family: MultivariateFamily, config, state, step_ke
         kl = gaussian_kl(loc_t, tril_t, q.loc, q.scale_tril)
         return fit + weight * kl, None
 
-    optim = config.inner_optim
+    optim = _as_numpyro_optim(config.inner_optim)
 
     def inner(_, opt_state):
         _, opt_state = optim.eval_and_update(objective, opt_state)
@@ -411,7 +474,7 @@ class ScoreProximalSVI:
     Example::
 
         guide = AutoNormal(model)
-        svi = ScoreProximalSVI(model, guide, prox_weight=100.0)
+        svi = ScoreProximalSVI(model, guide)
         result = svi.run(random.PRNGKey(0), 2000, data, progress_bar=False)
         samples = guide.sample_posterior(random.PRNGKey(1), result.params, sample_shape=(100,))
 
@@ -423,22 +486,47 @@ class ScoreProximalSVI:
         self,
         model: Callable,
         guide: Callable,
+        optim: Any = None,
+        loss: Any = None,
         *,
-        num_particles: int = defaults.NUM_PARTICLES,
-        prox_weight: ProxWeight = defaults.PROX_WEIGHT,
+        num_particles: int | None = None,
+        step_rule: StepRule | None = None,
+        prox_weight: ProxWeight | None = None,
         scale_prox_weight: ProxWeight | None = None,
         antithetic: bool = defaults.ANTITHETIC,
-        num_alternations: int = defaults.NUM_ALTERNATIONS,
+        num_alternations: int | None = None,
         inner_optim: Any = None,
         num_inner_steps: int = defaults.NUM_INNER_STEPS,
         average_after: int | None = None,
         **static_kwargs,
     ):
         check_guide(guide)
+        if optim is not None:
+            raise TypeError(
+                "optim: the NumPyro ScoreProximalSVI has no optimiser for ELBO gradients (its "
+                "guide steps are closed-form); drop it, or pass inner_optim= for the full- "
+                f"and low-rank guides' inner steps (got {type(optim).__name__})."
+            )
+        if loss is not None:
+            from numpyro.infer.elbo import ELBO
+
+            if not isinstance(loss, ELBO):
+                raise TypeError(
+                    "loss must be a numpyro.infer ELBO such as Trace_ELBO(num_particles=2) or "
+                    f"None (got {type(loss).__name__}); it only sets num_particles."
+                )
+            if num_particles is not None and num_particles != loss.num_particles:
+                raise ValueError(
+                    f"num_particles={num_particles} disagrees with loss.num_particles="
+                    f"{loss.num_particles}; pass one of them."
+                )
+            num_particles = loss.num_particles
         self.model = model
         self.guide = guide
+        self.loss = loss
         self.config = ScoreProximalConfig(
-            num_particles=num_particles,
+            num_particles=defaults.NUM_PARTICLES if num_particles is None else num_particles,
+            step_rule=step_rule,
             prox_weight=prox_weight,
             antithetic=antithetic,
             num_alternations=num_alternations,
@@ -493,8 +581,12 @@ class ScoreProximalSVI:
     def stable_update(self, state: ScoreProximalState, *args, **kwargs):
         """Like :meth:`update`, but a step whose loss or new params are not finite keeps the
         params, optimizer state and step count, and reports a NaN loss. The key still
-        advances, so a retry draws new particles (as ``numpyro.infer.SVI.stable_update``)."""
+        advances, so a retry draws new particles (as ``numpyro.infer.SVI.stable_update``).
+        Under ``AdaptiveStep`` :meth:`update` already keeps the params finite (it reverts or
+        rejects), so only the loss is masked."""
         new_state, loss = self.update(state, *args, **kwargs)
+        if self.config.adaptive and family_of(self.guide).closed_form:
+            return new_state, jnp.where(jnp.isfinite(loss), loss, jnp.nan)
         leaves = [loss] + jax.tree.leaves(new_state.params)
         ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
         params = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state.params, state.params)
@@ -504,7 +596,12 @@ class ScoreProximalSVI:
         average = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state.average, state.average)
         step = jnp.where(ok, new_state.step, state.step)
         loss = jnp.where(ok, loss, jnp.nan)
-        return ScoreProximalState(params, optim_state, step, new_state.rng_key, average), loss
+        failed = (~ok).astype(jnp.int32)
+        num_rejected = jnp.where(ok, new_state.num_rejected, state.num_rejected + 1)
+        in_a_row = jnp.where(ok, new_state.rejected_in_a_row, state.rejected_in_a_row + failed)
+        return ScoreProximalState(
+            params, optim_state, step, new_state.rng_key, average, (), num_rejected, in_a_row
+        ), loss
 
     def evaluate(self, state: ScoreProximalState, *args, **kwargs) -> jax.Array:
         """The loss :meth:`update` would report from ``state`` (same key), without stepping."""

@@ -1,0 +1,99 @@
+"""The hyper-parameters of a score-proximal fit, validated once for both backends.
+
+Backend-agnostic (no torch, no jax): :class:`ScoreProximalConfig` is what
+:class:`pyro_scorevi.ScoreProximalSVI` and :class:`pyro_scorevi.numpyro.ScoreProximalSVI` build
+from their keyword arguments, with the same names, defaults and error messages.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import InitVar, dataclass, field
+from typing import Any
+
+from pyro_scorevi import defaults
+from pyro_scorevi.schedules import ProxWeight
+from pyro_scorevi.step_rules import AdaptiveStep, FixedStep, StepRule, resolve_step_rule
+
+__all__ = ["ScoreProximalConfig", "check_int"]
+
+
+@dataclass(frozen=True)
+class ScoreProximalConfig:
+    """Validated hyper-parameters (the same for the Pyro and NumPyro classes).
+
+    Args:
+        num_particles: :math:`S \\ge 1` particles (gradient evaluations) per step; with
+            ``antithetic`` an odd last particle is drawn plainly.
+        step_rule: :class:`~pyro_scorevi.step_rules.AdaptiveStep` (default) or
+            :class:`~pyro_scorevi.step_rules.FixedStep`.
+        antithetic: draw particles in pairs :math:`m \\pm s\\varepsilon` sharing one mini-batch.
+        num_inner_steps: :math:`K \\ge 2` inner steps of the full- and low-rank guides (with
+            :math:`K = 1` the KL term has zero gradient at :math:`q = q_t`).
+        average_after: keep the running mean of the iterates :math:`(m_t, s_t^2)` after this
+            many steps (Polyak-Ruppert averaging, diagonal guides); ``None``: no averaging.
+        inner_optim: the inner optimiser of the full- and low-rank guides, in the backend's
+            own type (``pyro.optim`` / ``numpyro.optim``, optax); ``None``: Adam(1e-2).
+        prox_weight, scale_prox_weight, num_alternations: shorthands for
+            ``step_rule=FixedStep(prox_weight, scale_prox_weight, num_alternations)``, the
+            fixed-weight step (not combinable with ``step_rule``).
+    """
+
+    num_particles: int = defaults.NUM_PARTICLES
+    step_rule: StepRule | None = None
+    antithetic: bool = defaults.ANTITHETIC
+    num_inner_steps: int = defaults.NUM_INNER_STEPS
+    average_after: int | None = None
+    inner_optim: Any = field(default=None, compare=False)
+    prox_weight: InitVar[ProxWeight | None] = None
+    scale_prox_weight: InitVar[ProxWeight | None] = None
+    num_alternations: InitVar[int | None] = None
+
+    def __post_init__(self, prox_weight, scale_prox_weight, num_alternations):
+        check_int("num_particles", self.num_particles, 1)
+        check_int("num_inner_steps", self.num_inner_steps, 2)
+        if self.average_after is not None:
+            check_int("average_after", self.average_after, 0)
+        if not isinstance(self.antithetic, bool):
+            raise TypeError(
+                f"antithetic must be a bool (got {type(self.antithetic).__name__} "
+                f"{self.antithetic!r}); use antithetic=True or antithetic=False."
+            )
+        rule = resolve_step_rule(self.step_rule, prox_weight, scale_prox_weight, num_alternations)
+        object.__setattr__(self, "step_rule", rule)
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the step rule is :class:`~pyro_scorevi.step_rules.AdaptiveStep`."""
+        return isinstance(self.step_rule, AdaptiveStep)
+
+    def fixed_weights(self, step: Any) -> tuple[Any, Any]:
+        """``(lambda, lambda_s)`` of a ``FixedStep`` at ``step``; under ``AdaptiveStep`` the
+        inner-step families use the fixed default weight (they have no adaptive rule)."""
+        if isinstance(self.step_rule, FixedStep):
+            return self.step_rule.weights(step)
+        return defaults.PROX_WEIGHT + 0 * step, defaults.PROX_WEIGHT + 0 * step
+
+    def diagonal_only_options(self) -> list[str]:
+        """The options given that only the diagonal (closed-form) guides support."""
+        rule = self.step_rule
+        used = {
+            "average_after": self.average_after is not None,
+            "scale_prox_weight": isinstance(rule, FixedStep)
+            and rule.scale_prox_weight is not None,
+        }
+        return [name for name, on in used.items() if on]
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """``TypeError`` unless ``value`` is an int, ``ValueError`` unless ``value >= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{name} must be an int >= {minimum} (got {type(value).__name__} {value!r}); e.g. "
+            f"{name}={max(minimum, 2)}."
+        )
+    if value < minimum:
+        raise ValueError(
+            f"{name} must satisfy {name} >= {minimum} (got {name} = {value}); use "
+            f"{name} >= {minimum}."
+        )

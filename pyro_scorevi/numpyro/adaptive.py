@@ -1,0 +1,134 @@
+"""The elementwise part of :class:`~pyro_scorevi.step_rules.AdaptiveStep` (JAX).
+
+The mirror of :mod:`pyro_scorevi.adaptive`: the same names, fields and maths in pure
+``jax.numpy``, so it jits and runs inside ``lax.scan``. The maths is documented on
+:class:`~pyro_scorevi.step_rules.AdaptiveStep`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pyro_scorevi.numpyro.proximal import ScoreStatistics, diagonal_proximal_update
+from pyro_scorevi.step_rules import AdaptiveStep
+
+__all__ = ["RateState", "init_rates", "adaptive_update", "scale_bounds", "step_directions"]
+
+
+class RateState(NamedTuple):
+    """Per-coordinate running statistics (see :class:`pyro_scorevi.adaptive.RateState`)."""
+
+    mean_trend: jax.Array
+    scale_trend: jax.Array
+    mean_memory: jax.Array
+    scale_memory: jax.Array
+    mean_radius: jax.Array
+    last_mean_step: jax.Array
+
+
+def init_rates(loc: jax.Array, rule: AdaptiveStep) -> RateState:
+    """Fresh statistics for coordinates shaped like ``loc``."""
+    zeros = jnp.zeros_like(loc)
+    memory = jnp.full_like(loc, rule.initial_memory)
+    return RateState(
+        zeros,
+        zeros,
+        memory,
+        memory,
+        jnp.full_like(loc, rule.initial_mean_radius),
+        zeros,
+    )
+
+
+def scale_bounds(dtype) -> tuple[float, float]:
+    """``(smallest, largest)`` guide scale, :math:`(\\text{tiny}^{1/4}, \\text{max}^{1/4})`."""
+    info = jnp.finfo(dtype)
+    return float(info.tiny) ** 0.25, float(info.max) ** 0.25
+
+
+def step_directions(scale: jax.Array, stats: ScoreStatistics) -> tuple[jax.Array, jax.Array]:
+    """Signs of the mean's and the log-precision's proposals (see the torch mirror)."""
+    w = jnp.square(scale)
+    mean_direction = jnp.sign(stats.mean_offset + w * stats.mean_score)
+    spread = stats.mean_sq_offset - jnp.square(stats.mean_offset)
+    cross = stats.mean_offset_score - stats.mean_offset * stats.mean_score
+    precision_direction = jnp.where(-cross * w > spread, 1.0, -1.0).astype(scale.dtype)
+    return mean_direction, precision_direction
+
+
+def _trend(trend, memory, direction, min_memory):
+    trend = trend + (direction - trend) / memory
+    agreement = jnp.square(trend)
+    memory = jnp.maximum((1 - agreement) * memory + 1, min_memory)
+    return trend, memory, agreement
+
+
+def _radius(radius, step, last, rule, largest, smallest):
+    turn = step * last
+    factor = jnp.where(
+        turn > 0, rule.radius_growth, jnp.where(turn < 0, rule.radius_shrink, 1.0)
+    )
+    return jnp.clip(radius * factor, smallest, largest)
+
+
+def adaptive_update(
+    loc: jax.Array,
+    scale: jax.Array,
+    stats: ScoreStatistics,
+    rates: RateState,
+    trust: jax.Array | float,
+    rule: AdaptiveStep,
+) -> tuple[jax.Array, jax.Array, RateState, jax.Array]:
+    """One adaptive closed-form step; returns ``(new_loc, new_scale, new_rates, mean_rate)``."""
+    dtype = scale.dtype
+    trust = jnp.asarray(trust, dtype)
+    mean_direction, precision_direction = step_directions(scale, stats)
+    mean_trend, mean_memory, mean_agreement = _trend(
+        rates.mean_trend, rates.mean_memory, mean_direction, rule.min_memory
+    )
+    scale_trend, scale_memory, scale_agreement = _trend(
+        rates.scale_trend, rates.scale_memory, precision_direction, rule.min_memory
+    )
+    mean_rate = jnp.clip(
+        trust * rule.max_mean_rate * mean_agreement, rule.min_rate, rule.max_mean_rate
+    )
+    scale_rate = jnp.clip(
+        trust * rule.max_scale_rate * scale_agreement, rule.min_rate, rule.max_scale_rate
+    )
+    scale_rate = jnp.minimum(scale_rate, rule.scale_to_mean_rate * mean_rate)
+    proposed_loc, proposed_scale = diagonal_proximal_update(
+        loc,
+        scale,
+        stats,
+        2 / mean_rate - 2,
+        rule.num_alternations,
+        scale_prox_weight=4 / scale_rate - 4,
+    )
+    mean_step = proposed_loc - loc
+    log_scale_step = jnp.log(proposed_scale / scale)
+    mean_radius = _radius(
+        rates.mean_radius,
+        mean_step,
+        rates.last_mean_step,
+        rule,
+        rule.max_mean_radius,
+        rule.min_mean_radius,
+    )
+    bound = trust * mean_radius * jnp.minimum(scale, proposed_scale)
+    mean_step = jnp.clip(mean_step, -bound, bound)
+    log_bound = trust * rule.max_log_scale_step
+    log_scale_step = jnp.clip(log_scale_step, -log_bound, log_bound)
+    smallest, largest = scale_bounds(dtype)
+    new_scale = jnp.clip(scale * jnp.exp(log_scale_step), smallest, largest)
+    new_rates = RateState(
+        mean_trend,
+        scale_trend,
+        mean_memory,
+        scale_memory,
+        mean_radius,
+        mean_step,
+    )
+    return loc + mean_step, new_scale, new_rates, mean_rate
