@@ -1,15 +1,18 @@
 """Command line: ``pyro-scorevi`` (or ``python -m pyro_scorevi``).
 
-Fits the same model with ``ScoreProximalSVI`` and with ``SVI`` + ``Trace_ELBO`` (same
-``AutoNormal`` guide, data, particles and budget) and prints one table per problem; writes
-``results.json``, the tables as ``results.md`` and PNG plots to the output folder. With no
-argument it runs the default comparison (the digits MLP, 3 seeds).
+Fits the same model with ``ScoreProximalSVI``, with ``SVI`` + ``Trace_ELBO`` (same
+``AutoNormal`` guide, data, particles and budget) and with the other methods of ``--methods``
+(IVON on the networks; GSM and BaM, full-rank, on the small dense problems), and prints one
+table per problem; writes ``results.json``, the tables as ``results.md`` and PNG plots to the
+output folder. With no argument it runs the default comparison (the digits MLP, 3 seeds,
+Trace_ELBO, ScoreProximalSVI and IVON).
 
 Usage::
 
     pyro-scorevi                                   # = pyro-scorevi compare
-    pyro-scorevi compare --problem all --seeds 3 --out results/
-    pyro-scorevi compare -p logreg gaussian --grad-evals 2000 --seconds 5 --numpyro
+    pyro-scorevi compare --problem all --seeds 3 --numpyro --methods all --out results/
+    pyro-scorevi compare -p logreg gaussian --grad-evals 2000 --seconds 5 --methods elbo,bam
+    pyro-scorevi compare --methods ivon --ivon-lr 0.05 0.1 0.2   # IVON's learning-rate grid
     pyro-scorevi list
 """
 
@@ -40,19 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyro-scorevi",
         description=(
-            "Score-based proximal VI against ELBO SVI, side by side. With no subcommand, runs "
-            "'compare' (the default problem, digits-mlp, 3 seeds)."
+            "Score-based proximal VI against ELBO SVI, IVON, GSM and BaM, side by side. With no "
+            "subcommand, runs 'compare' (the default problem, digits-mlp, 3 seeds)."
         ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{compare,list}")
-    sub.add_parser("list", help="list the problems")
+    sub.add_parser("list", help="list the problems and the methods")
     c = sub.add_parser(
         "compare",
         help="run the comparison (the default subcommand)",
-        description="Fit each problem with ScoreProximalSVI and SVI + Trace_ELBO under equal "
-        "budgets of gradient evaluations and of wall time; print the table, write "
-        "results.json, the tables as results.md and PNG plots.",
+        description="Fit each problem with ScoreProximalSVI, SVI + Trace_ELBO and the other "
+        "methods of --methods under equal budgets of gradient evaluations and of wall time; "
+        "print the table, write results.json, the tables as results.md and PNG plots.",
     )
     c.add_argument(
         "-p",
@@ -93,6 +96,37 @@ def build_parser() -> argparse.ArgumentParser:
         "else --prox-weight)",
     )
     c.add_argument("--lr", type=float, default=None, help="Adam lr of the ELBO baseline (1e-2)")
+    c.add_argument(
+        "-m",
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="LIST",
+        help="methods to run, a comma list or 'all': elbo, scoreprox, ivon (network problems), "
+        "gsm, bam (full-rank; gaussian and logreg); default elbo,scoreprox,ivon. Methods that do "
+        "not apply to a problem are skipped with a note",
+    )
+    c.add_argument(
+        "--ivon-lr",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="LR",
+        help="IVON learning rate(s), one row each (default: the problem's, from the grid "
+        "0.05, 0.1, 0.2; see pyro_scorevi.compare.ivon_fit)",
+    )
+    c.add_argument(
+        "--ivon-hess-init",
+        type=float,
+        default=1.0,
+        help="IVON's initial Hessian hess_init (default 1, the ivon-opt default)",
+    )
+    c.add_argument(
+        "--score-batch-size",
+        type=int,
+        default=None,
+        help="draws (gradient evaluations) per GSM/BaM iteration (default: 2 for GSM, 5 for BaM)",
+    )
     c.add_argument(
         "--eval-samples", type=int, default=100, help="posterior draws per figure (default 100)"
     )
@@ -137,9 +171,18 @@ def _list_problems() -> int:
             f"{name.ljust(width)}  {p.description}{mark}\n{' ' * width}  "
             f"headline {p.headline}; {p.grad_evals} gradient evaluations; "
             f"batch {p.batch_size or ('none (no data)' if p.kind == 'gaussian' else 'full')}; "
-            f"init scale {p.init_scale:g}; lambda {p.prox_weight:g}"
+            f"init scale {p.init_scale:g}; "
+            + ("adaptive step" if p.prox_weight is None else f"lambda {p.prox_weight:g}")
             + ("" if p.scale_prox_weight is None else f", lambda_s {p.scale_prox_weight:g}")
         )
+    from pyro_scorevi.compare.runner import ALGORITHMS, DEFAULT_ALGORITHMS
+
+    print("\nmethods (--methods):")
+    width = max(len(a) for a in ALGORITHMS)
+    for name, a in ALGORITHMS.items():
+        mark = " (default)" if name in DEFAULT_ALGORITHMS else ""
+        where = "every problem" if a.kinds is None else "problems of kind " + ", ".join(a.kinds)
+        print(f"{name.ljust(width)}  {a.description}; {where}{mark}")
     return 0
 
 
@@ -175,11 +218,21 @@ def _check_args(args: argparse.Namespace) -> None:
     ):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UserError(f"{flag} must be a positive number (got {value}).")
+    _check_methods(args)
+    if args.ivon_lr is not None:
+        bad = [v for v in args.ivon_lr if not (math.isfinite(v) and v > 0)]
+        if bad:
+            raise UserError(f"--ivon-lr must be positive numbers (got {bad[0]}).")
+    if not (math.isfinite(args.ivon_hess_init) and args.ivon_hess_init > 0):
+        raise UserError(f"--ivon-hess-init must be a positive number (got {args.ivon_hess_init}).")
+    if args.score_batch_size is not None and args.score_batch_size < 1:
+        raise UserError(f"--score-batch-size must be >= 1 (got {args.score_batch_size}).")
     if args.eval_samples < 2:
         raise UserError(f"--eval-samples must be >= 2 (got {args.eval_samples}).")
     if args.threads < 1:
         raise UserError(f"--threads must be >= 1 (got {args.threads}).")
     _check_dependencies(args)
+    _check_some_method_applies(args)
     if args.numpyro:
         from pyro_scorevi.compare.runner import numpyro_available
 
@@ -190,6 +243,61 @@ def _check_args(args: argparse.Namespace) -> None:
                 f'imported ({why}). Install them with: pip install "pyro_scorevi[numpyro]"'
             )
     _check_out_dir(args.out)
+
+
+def _check_methods(args: argparse.Namespace) -> None:
+    """Parses ``--methods`` into ``args.methods`` (a tuple of names); a method named
+    explicitly must be installed (the default set and 'all' skip a missing one with a note)."""
+    from pyro_scorevi.compare import runner
+
+    if args.methods is None:
+        args.methods = runner.DEFAULT_ALGORITHMS
+        return
+    names = [n.strip() for item in args.methods for n in item.split(",") if n.strip()]
+    if not names:
+        raise UserError("--methods needs at least one name (or 'all').")
+    if "all" in names:
+        args.methods = tuple(runner.ALGORITHMS)
+        return
+    unknown = [n for n in names if n not in runner.ALGORITHMS]
+    if unknown:
+        raise UserError(
+            f"unknown method {', '.join(map(repr, unknown))}; choose from "
+            f"{', '.join(runner.ALGORITHMS)} or 'all' (see 'pyro-scorevi list')."
+        )
+    args.methods = tuple(dict.fromkeys(names))
+    if "ivon" in args.methods:
+        ok, why = runner.ivon_available()
+        if not ok:
+            raise UserError(
+                f"--methods ivon needs the ivon-opt package, which could not be imported "
+                f"({why}). Install it with: pip install ivon-opt"
+            )
+    if {"gsm", "bam"} & set(args.methods):
+        ok, why = runner.jax_available()
+        if not ok:
+            raise UserError(
+                f"--methods gsm/bam run in JAX on the NumPyro model, which could not be imported "
+                f'({why}). Install them with: pip install "pyro_scorevi[numpyro]"'
+            )
+
+
+def _check_some_method_applies(args: argparse.Namespace) -> None:
+    """At least one selected method must apply to one selected problem (before any fitting)."""
+    from pyro_scorevi.compare.problems import PROBLEMS
+    from pyro_scorevi.compare.runner import select_methods
+
+    backends = ("pyro", "numpyro") if args.numpyro else ("pyro",)
+    notes = []
+    for name in args.problem:
+        rows, why = select_methods(PROBLEMS[name], args.methods, backends)
+        if rows:
+            return
+        notes += why
+    raise UserError(
+        f"no method of --methods {','.join(args.methods)} applies to "
+        f"{', '.join(args.problem)} ({'; '.join(notes)})."
+    )
 
 
 def _check_dependencies(args: argparse.Namespace) -> None:
@@ -250,7 +358,7 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
     from pyro_scorevi import __version__
     from pyro_scorevi.compare import report
     from pyro_scorevi.compare.problems import get_problem
-    from pyro_scorevi.compare.runner import Budget, Settings, run_comparison
+    from pyro_scorevi.compare.runner import Budget, NoMethodApplies, Settings, run_comparison
 
     settings = Settings(
         num_particles=args.num_particles,
@@ -258,6 +366,9 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
         scale_prox_weight=args.scale_prox_weight,
         elbo_lr=args.lr,
         eval_samples=args.eval_samples,
+        ivon_lr=None if args.ivon_lr is None else tuple(args.ivon_lr),
+        ivon_hess_init=args.ivon_hess_init,
+        score_batch_size=args.score_batch_size,
     )
     backends = ("pyro", "numpyro") if args.numpyro else ("pyro",)
     started = time.perf_counter()
@@ -279,18 +390,25 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
                 f"impossible budget for {name}: {budget.grad_evals} gradient evaluations is "
                 f"less than one step of {args.num_particles}; lower --num-particles."
             )
-        result = run_comparison(
-            problem,
-            seeds=list(range(args.seeds)),
-            budget=budget,
-            settings=settings,
-            backends=backends,
-            progress=not args.no_progress,
-        )
+        try:
+            result = run_comparison(
+                problem,
+                seeds=list(range(args.seeds)),
+                budget=budget,
+                settings=settings,
+                backends=backends,
+                progress=not args.no_progress,
+                methods=args.methods,
+            )
+        except NoMethodApplies as exc:
+            print(f"{name}: skipped, {exc}\n")
+            continue
         payload["problems"][name] = result
         print(report.format_table(result))
         for line in report.format_verdict(result):
             print("  " + line)
+        for note in result.get("skipped", []):
+            print("  note: " + note)
         print()
         # Written after each problem, so a long suite keeps what it has finished.
         payload["wall_s_total"] = time.perf_counter() - started

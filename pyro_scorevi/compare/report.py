@@ -11,7 +11,15 @@ import math
 import pathlib
 from typing import Any
 
-__all__ = ["format_table", "format_verdict", "write_json", "write_plots", "METRIC_INFO"]
+__all__ = [
+    "format_table",
+    "format_markdown",
+    "format_verdict",
+    "format_ranking",
+    "write_json",
+    "write_plots",
+    "METRIC_INFO",
+]
 
 #: Display name and direction of each figure (+1: higher is better, -1: lower is better,
 #: 0: closer to the stated target is better).
@@ -49,8 +57,8 @@ def _table(result: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
     """``(title, header, rows)`` of one problem's table; rows = (budget, method)."""
     summary = result["summary"]
     methods = list(result["methods"])
-    first = summary[methods[0]]["equal_evals"]
-    metric_names = [m for m in METRIC_INFO if m in first]
+    present = {m for key in methods for m in summary[key]["equal_evals"]}
+    metric_names = [m for m in METRIC_INFO if m in present]
     header = ["budget", "method", "grad evals", "wall s"] + [
         METRIC_INFO[m][0] for m in metric_names
     ]
@@ -61,16 +69,22 @@ def _table(result: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
             rows.append(
                 [label, result["methods"][key]["label"], _fmt_int(block["grad_evals"])]
                 + [f"{block['wall_s']['mean']:.2f}" if block["wall_s"]["mean"] is not None else "-"]
-                + [_fmt(block[m]) for m in metric_names]
+                + [_fmt(block[m]) if m in block else "-" for m in metric_names]
             )
     b = result["budget"]
     seconds = (
         f"{b['seconds']:g} s" if b["seconds"] is not None else "the ELBO baseline's time, per seed"
     )
+    per_step = f"S = {b['num_particles']} per step"
+    batch = result.get("settings", {}).get("score_batch_size", {})
+    full_rank = [result["methods"][k]["algorithm"] for k in methods]
+    extra = [f"{a.upper()} B = {batch[a]}" for a in ("gsm", "bam") if a in full_rank and a in batch]
+    if extra:
+        per_step += ", " + ", ".join(extra)
     title = (
         f"{result['problem']}: {result['description']}\n"
         f"  {result['num_latents']} latents; budget {b['grad_evals']} gradient evaluations "
-        f"(S = {b['num_particles']} per step) or {seconds}; {len(b['seeds'])} seed(s); "
+        f"({per_step}) or {seconds}; {len(b['seeds'])} seed(s); "
         "mean ± sd over seeds"
     )
     return title, header, rows
@@ -110,6 +124,7 @@ def format_markdown(result: dict[str, Any]) -> str:
     out += ["| " + " | ".join(r) + " |" for r in rows]
     out.append("")
     out += [f"- {' '.join(v.split())}" for v in format_verdict(result)]
+    out += [f"- note: {n}" for n in result.get("skipped", [])]
     return "\n".join(out) + "\n"
 
 
@@ -127,8 +142,58 @@ def _better(metric: str, a: float, b: float) -> bool:
     return a * sign > b * sign
 
 
+#: Figures whose differences read best in absolute terms (nats), not as a percentage.
+_ABSOLUTE = {"neg_elbo", "kl_gap"}
+
+
+def _ranking(result: dict[str, Any], which: str, metric: str) -> list[tuple[str, float]]:
+    """``(method key, mean)`` of every row with a finite ``metric``, best first."""
+    import functools
+
+    summary = result["summary"]
+    have = [
+        (key, summary[key][which][metric]["mean"])
+        for key in result["methods"]
+        if metric in summary[key][which] and summary[key][which][metric]["mean"] is not None
+    ]
+
+    def cmp(a, b):
+        return -1 if _better(metric, a[1], b[1]) else (1 if _better(metric, b[1], a[1]) else 0)
+
+    return sorted(have, key=functools.cmp_to_key(cmp))
+
+
+def format_ranking(result: dict[str, Any]) -> list[str]:
+    """Per budget, every method on the headline figure and on ``-ELBO``, best first, with
+    each one's distance to the best (relative; in nats for ``-ELBO`` and the KL gap)."""
+    lines = []
+    methods = result["methods"]
+    metrics = list(dict.fromkeys([result["headline"], "neg_elbo"]))
+    for which, label in _BUDGETS:
+        for metric in metrics:
+            ranked = _ranking(result, which, metric)
+            if len(ranked) < 2:
+                continue
+            (best_key, best), rest = ranked[0], ranked[1:]
+            parts = []
+            for key, v in rest:
+                if METRIC_INFO[metric][1] == 0:
+                    gap = ""
+                elif metric in _ABSOLUTE:
+                    gap = f" ({v - best:+.3g})"
+                else:
+                    gap = f" ({(v - best) / abs(best):+.0%})" if best else ""
+                parts.append(f"{methods[key]['label']} {v:.4g}{gap}")
+            lines.append(
+                f"{label}: best {METRIC_INFO[metric][0]} {methods[best_key]['label']} "
+                f"{best:.4g}; then " + ", ".join(parts)
+            )
+    return lines
+
+
 def format_verdict(result: dict[str, Any]) -> list[str]:
-    """One line per backend and budget: the headline figure of each method and the change."""
+    """One line per backend and budget on the headline figure, score-proximal against the ELBO
+    baseline; then :func:`format_ranking` (every method, best first)."""
     lines = []
     summary = result["summary"]
     h = result["headline"]
@@ -148,7 +213,7 @@ def format_verdict(result: dict[str, Any]) -> list[str]:
                 f"{backend:7s} {label}: score-proximal {word} on {METRIC_INFO[h][0]}: "
                 f"{a:.4g} vs ELBO {b:.4g}{rel}"
             )
-    return lines
+    return lines + format_ranking(result)
 
 
 def write_json(payload: dict[str, Any], path: pathlib.Path) -> None:
@@ -175,7 +240,20 @@ _COLORS = {
     "pyro-scoreprox": "tab:red",
     "numpyro-elbo": "tab:cyan",
     "numpyro-scoreprox": "tab:orange",
+    "pyro-ivon": "tab:green",
+    "jax-gsm": "tab:purple",
+    "jax-bam": "tab:brown",
 }
+
+_SPARE = ("tab:olive", "tab:pink", "tab:gray", "darkgreen", "gold", "navy")
+
+
+def _colors(result: dict[str, Any]) -> dict[str, str]:
+    """A colour per method: the fixed ones above, then spare ones (e.g. an IVON lr grid)."""
+    out, spare = {}, iter(_SPARE * 4)
+    for key in result["methods"]:
+        out[key] = _COLORS.get(key) or next(spare)
+    return out
 
 
 def _figure(rows: int, cols: int, size: tuple[float, float]):
@@ -194,6 +272,7 @@ def _positive(values: list[Any]) -> bool:
 
 def _plot_curves(result: dict[str, Any], path: pathlib.Path) -> None:
     h = result["headline"]
+    colors = _colors(result)
     fig, axes = _figure(2, 2, (11, 7.5))
     seen = set()
     log_loss, log_err = True, True
@@ -201,7 +280,7 @@ def _plot_curves(result: dict[str, Any], path: pathlib.Path) -> None:
         key = run["method"]
         label = None if key in seen else result["methods"][key]["label"]
         seen.add(key)
-        c = _COLORS[key]
+        c = colors[key]
         curve, ck = run["curve"], run["checkpoints"]
         loss = [math.nan if v is None else v for v in curve["loss"]]
         err = [math.nan if v is None else v for v in ck[h]]
@@ -234,6 +313,7 @@ def _plot_curves(result: dict[str, Any], path: pathlib.Path) -> None:
 
 def _plot_reliability(result: dict[str, Any], path: pathlib.Path) -> None:
     keys = list(result["methods"])
+    colors = _colors(result)
     fig, axes = _figure(1, len(keys), (3.4 * len(keys), 3.6))
     for ax, key in zip(axes[0], keys):
         run = next(r for r in result["runs"] if r["method"] == key)
@@ -242,7 +322,7 @@ def _plot_reliability(result: dict[str, Any], path: pathlib.Path) -> None:
         acc = [math.nan if v is None else v for v in p["accuracy"]]
         edges = [i / len(conf) for i in range(len(conf) + 1)]
         centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
-        ax.bar(centers, acc, width=1 / len(conf), color=_COLORS[key], alpha=0.7, ec="k", lw=0.5)
+        ax.bar(centers, acc, width=1 / len(conf), color=colors[key], alpha=0.7, ec="k", lw=0.5)
         ax.plot([0, 1], [0, 1], "k--", lw=1)
         ax.plot(conf, acc, "k.", ms=4)
         ece = run["equal_evals"]["metrics"]["ece"]
@@ -258,14 +338,13 @@ def _plot_reliability(result: dict[str, Any], path: pathlib.Path) -> None:
 
 def _plot_bands(result: dict[str, Any], path: pathlib.Path) -> None:
     keys = list(result["methods"])
+    colors = _colors(result)
     fig, axes = _figure(len(keys), 1, (8, 2.4 * len(keys)))
     for ax, key in zip(axes[:, 0], keys):
         run = next(r for r in result["runs"] if r["method"] == key)
         p = run["equal_evals"]["plot"]
-        ax.fill_between(
-            p["time"], p["lo"], p["hi"], color=_COLORS[key], alpha=0.3, label="90% band"
-        )
-        ax.plot(p["time"], p["mean"], color=_COLORS[key], label="predictive mean")
+        ax.fill_between(p["time"], p["lo"], p["hi"], color=colors[key], alpha=0.3, label="90% band")
+        ax.plot(p["time"], p["mean"], color=colors[key], label="predictive mean")
         ax.plot(p["time"], p["y"], "k.", ms=4, label="observed")
         m = run["equal_evals"]["metrics"]
         ax.set_title(
