@@ -52,6 +52,12 @@ def test_list_names_every_problem(capsys):
         (["--prox-weight", "-3"], "--prox-weight must be a positive number"),
         (["--scale-prox-weight", "0"], "--scale-prox-weight must be a positive number"),
         (["--lr", "0"], "--lr must be a positive number"),
+        (["--methods", "advi"], "unknown method 'advi'"),
+        (["--methods", "elbo,nope"], "unknown method 'nope'"),
+        (["--ivon-lr", "0"], "--ivon-lr must be positive"),
+        (["--ivon-hess-init", "-1"], "--ivon-hess-init must be a positive number"),
+        (["--score-batch-size", "0"], "--score-batch-size must be >= 1"),
+        (["-p", "digits-mlp", "--methods", "gsm,bam"], "no method of --methods gsm,bam applies"),
     ],
 )
 def test_bad_input_is_one_message_and_exit_2(argv, message, capsys, tmp_path):
@@ -119,11 +125,13 @@ def test_user_command_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert "digits-mlp" in proc.stdout and "Pyro ScoreProximalSVI" in proc.stdout
+    assert "IVON lr=" in proc.stdout  # the default rows include IVON on the networks
     assert "= evals" in proc.stdout and "= time" in proc.stdout
     data = json.loads((out / "results.json").read_text())
     result = data["problems"]["digits-mlp"]
     assert result["budget"]["seeds"] == [0, 1, 2]
-    for method in ("pyro-elbo", "pyro-scoreprox"):
+    assert list(result["methods"]) == ["pyro-elbo", "pyro-scoreprox", "pyro-ivon"]
+    for method in ("pyro-elbo", "pyro-scoreprox", "pyro-ivon"):
         for which in ("equal_evals", "equal_time"):
             block = result["summary"][method][which]
             for metric in ("nll", "accuracy", "ece", "brier", "neg_elbo", "grad_evals", "wall_s"):
@@ -134,9 +142,33 @@ def test_user_command_end_to_end(tmp_path):
     # The Markdown tables: one row per (budget, method), the same figures as the JSON.
     markdown = (out / "results.md").read_text()
     rows = [r for r in markdown.splitlines() if r.startswith("| = ")]
-    assert len(rows) == 4 and "### digits-mlp" in markdown
+    assert len(rows) == 6 and "### digits-mlp" in markdown
+    assert "best NLL" in markdown  # the ranking of every method
     nll = result["summary"]["pyro-scoreprox"]["equal_evals"]["nll"]["mean"]
     assert f"{nll:.4g}" in rows[1]
+
+
+def test_methods_option_runs_the_named_methods_and_notes_the_rest(tmp_path, capsys):
+    pytest.importorskip("jax")
+    pytest.importorskip("numpyro")
+    out = tmp_path / "o"
+    argv = ["-p", "gaussian", "--methods", "elbo,gsm", "ivon", "--grad-evals", "4"]
+    argv += ["--seeds", "1", "--eval-samples", "4", "--no-plots", "--no-progress"]
+    argv += ["--out", str(out)]
+    code, stdout, err = _run_main(argv, capsys)
+    assert code == 0, err
+    assert "GSM full-rank (JAX)" in stdout and "Pyro SVI+Trace_ELBO" in stdout
+    assert "ScoreProximalSVI" not in stdout
+    assert "note: ivon: not run on gaussian" in stdout
+    data = json.loads((out / "results.json").read_text())
+    assert list(data["problems"]["gaussian"]["methods"]) == ["pyro-elbo", "jax-gsm"]
+
+
+def test_list_names_the_methods(capsys):
+    code, out, _ = _run_main(["list"], capsys)
+    assert code == 0
+    for name in ("elbo", "scoreprox", "ivon", "gsm", "bam"):
+        assert f"\n{name} " in out
 
 
 def test_python_dash_m_bad_problem_exits_2_without_traceback(tmp_path):

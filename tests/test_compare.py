@@ -20,6 +20,7 @@ from pyro_scorevi.compare.problems import PROBLEMS, get_problem, nuts_reference 
 from pyro_scorevi.compare.runner import (  # noqa: E402
     Budget,
     Settings,
+    ivon_available,
     numpyro_available,
     run_comparison,
 )
@@ -169,7 +170,12 @@ def test_every_problem_runs_at_a_tiny_budget(name, tmp_path):
     result = run_comparison(
         problem, seeds=[0, 1], budget=Budget(grad_evals=4), settings=TINY, progress=False
     )
-    _check_complete(result, problem.kind, ["pyro-elbo", "pyro-scoreprox"])
+    # The default rows: IVON joins on the network problems (when ivon-opt is installed).
+    expected = ["pyro-elbo", "pyro-scoreprox"]
+    if problem.kind in ("classifier", "forecaster") and ivon_available()[0]:
+        expected.append("pyro-ivon")
+    assert list(result["methods"]) == expected
+    _check_complete(result, problem.kind, expected)
     for run in result["runs"]:
         assert run["equal_evals"]["grad_evals"] == 4
         # Default time budget: the baseline's time, reached by the challenger too.
@@ -235,4 +241,10 @@ def test_numpyro_columns_join():
     )
     methods = ["pyro-elbo", "pyro-scoreprox", "numpyro-elbo", "numpyro-scoreprox"]
     _check_complete(result, problem.kind, methods)
-    assert len(report.format_verdict(result)) == 4
+    verdict = report.format_verdict(result)
+    # Score-proximal vs ELBO per backend and budget, then every method ranked per budget on
+    # the headline and on -ELBO.
+    assert [v.split()[0] for v in verdict[:4]] == ["pyro", "pyro", "numpyro", "numpyro"]
+    assert verdict[4:] == report.format_ranking(result) and len(verdict[4:]) == 4
+    assert verdict[4].startswith("= evals: best mean err (sd)")
+    assert any("ivon: not run on logreg" in n for n in result["skipped"])
