@@ -268,6 +268,8 @@ class ScoreProximalSVI:
         statistics, the backup iterate), the iterate average and copies of the optimiser states
         (``inner_optim``, and ``optim`` when given)."""
         state: dict[str, Any] = {
+            "num_steps": self.num_steps,  # read-only summaries; the state below restores them
+            "num_rejected_steps": self.num_rejected_steps,
             "diagonal_state": None if self._state is None else _clone(self._state._asdict()),
             "gaussian_steps": self._gaussian_steps,
             "gaussian_rejected": self._gaussian_rejected,
@@ -356,11 +358,15 @@ class ScoreProximalSVI:
             logger.debug("a particle failed the model's argument validation: %s", error)
             sums = torch.full((4,) + loc.shape, math.nan, dtype=loc.dtype, device=loc.device)
             total, params, param_grads = torch.tensor(math.nan), [], []
-        stats = ScoreStatistics(*(sums / self.num_particles).unbind())
-        loss = -(total / self.num_particles + family.entropy(scale))
+        stats = ScoreStatistics(*(sums.detach() / self.num_particles).unbind())
+        loss = -(total.detach() / self.num_particles + family.entropy(scale))
         self._state, info = core.update(state, stats, float(loss), self.step_rule)
         if info.accepted or info.reverted:
             family.write(self._state.loc, self._state.scale)
+            # What the store holds after its transforms (bitwise), so that the next step can
+            # tell an edit of the param store from its own write.
+            loc, scale = family.read()
+            self._state = self._state._replace(loc=loc, scale=scale)
         if info.accepted:
             self._step_model_params(params, param_grads, self.num_particles)
             if self.average_after is not None and self._state.step > self.average_after:
@@ -477,7 +483,6 @@ class ScoreProximalSVI:
         zero_grads(params)
 
     def _reject(self, loss: float) -> None:
-        self.num_rejected_steps += 1
         self._rejected_in_a_row += 1
         if self.num_rejected_steps == 1:
             warnings.warn(

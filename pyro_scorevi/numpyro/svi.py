@@ -521,6 +521,7 @@ class ScoreProximalSVI:
                     f"{loss.num_particles}; pass one of them."
                 )
             num_particles = loss.num_particles
+        _as_numpyro_optim(inner_optim)  # validate at construction
         self.model = model
         self.guide = guide
         self.loss = loss
