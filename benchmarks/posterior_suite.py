@@ -25,7 +25,9 @@ mu_j| / sd_j with NUTS' mean mu and sd):
 
 - ``mean_err``: mean of z_j (in reference sds); ``max_err``: max of z_j;
 - ``sd_ratio``: geometric mean of s_j / sd_j (1 is exact; mean-field guides of correlated
-  posteriors are expected below 1);
+  posteriors are expected below 1); ``meanfield_sd_ratio``: the same against the mean-field
+  sd 1 / sqrt((Cov^-1)_jj) of the NUTS draws, the sd a diagonal Gaussian fitted by KL(q || p)
+  to a Gaussian posterior would have (1 is the ideal of an ``AutoNormal`` fit);
 - ``rejected``: ``svi.num_rejected_steps`` (Pyro ScoreProximalSVI); for the other methods the
   steps whose loss was not finite (NumPyro ScoreProximalSVI and the ELBO fits do not reject);
 - ``wall``: seconds of stepping;
@@ -43,7 +45,8 @@ stuck fit.
 Usage (all 14 posteriors x 4 methods x 3 seeds: about 15 minutes on 2 CPU cores)::
 
     python benchmarks/posterior_suite.py [--posteriors all] [--methods pyro-elbo,...]
-        [--seeds 0,1,2] [--evals 3000] [--out results.json]
+        [--seeds 0,1,2] [--evals 3000] [--init default] [--out results.json]
+    python benchmarks/posterior_suite.py --render results.json [more.json ...]
 """
 
 from __future__ import annotations
@@ -391,17 +394,22 @@ def score_fit(posterior: Posterior, fit: FitResult) -> dict:
     sites = ref["sites"]
     mu = _flat({n: ref["latents"][n]["mean"] for n in sites}, sites)
     sd = _flat({n: ref["latents"][n]["sd"] for n in sites}, sites)
+    has_mf = all("meanfield_sd" in ref["latents"][n] for n in sites)
+    mf_sd = _flat({n: ref["latents"][n]["meanfield_sd"] for n in sites}, sites) if has_mf else None
     m = _flat(fit.loc, sites)
     s = _flat(fit.scale, sites)
     flags = []
+    mf_ratio = float("nan")
     finite = bool(np.all(np.isfinite(m)) and np.all(np.isfinite(s)) and np.all(s > 0))
     if not finite:
         flags.append("nan")
-        mean_err = max_err = sd_ratio = float("inf")
+        mean_err = max_err = sd_ratio = mf_ratio = float("inf")
     else:
         z = np.abs(m - mu) / sd
         mean_err, max_err = float(z.mean()), float(z.max())
         sd_ratio = float(np.exp(np.mean(np.log(s / sd))))
+        if mf_sd is not None:
+            mf_ratio = float(np.exp(np.mean(np.log(s / mf_sd))))
     tail = fit.bad_steps[-max(int(round(STUCK_TAIL * fit.steps)), 1) :]
     moved = remaining = float("nan")
     stuck = bool(len(tail) and tail.all())
@@ -417,6 +425,7 @@ def score_fit(posterior: Posterior, fit: FitResult) -> dict:
         "mean_err": mean_err,
         "max_err": max_err,
         "sd_ratio": sd_ratio,
+        "meanfield_sd_ratio": mf_ratio,
         "rejected": fit.rejected,
         "steps": fit.steps,
         "wall": fit.wall,
@@ -424,6 +433,9 @@ def score_fit(posterior: Posterior, fit: FitResult) -> dict:
         "moved_last_25pct": moved,
         "distance_at_75pct": remaining,
         "flags": flags,
+        # The fitted marginals, flat in the reference's site order (re-scoring without a refit).
+        "loc": m.tolist(),
+        "scale": s.tolist(),
     }
 
 
@@ -444,6 +456,7 @@ def run_one(
             mean_err=float("inf"),
             max_err=float("inf"),
             sd_ratio=float("nan"),
+            meanfield_sd_ratio=float("nan"),
             rejected=0,
             steps=0,
             wall=float("nan"),
@@ -487,6 +500,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
         rs = [r for r in rows if r["posterior"] == post and r["method"] == meth]
         ratios = np.array([r["sd_ratio"] for r in rs], float)
         ok = np.isfinite(ratios) & (ratios > 0)
+        mf = np.array([r.get("meanfield_sd_ratio", math.nan) for r in rs], float)
+        mf_ok = np.isfinite(mf) & (mf > 0)
         flags: dict[str, int] = {}
         for r in rs:
             for f in r["flags"]:
@@ -499,6 +514,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
                 "mean_err": float(np.mean([r["mean_err"] for r in rs])),
                 "max_err": float(np.max([r["max_err"] for r in rs])),
                 "sd_ratio": float(np.exp(np.mean(np.log(ratios[ok])))) if ok.any() else math.nan,
+                "meanfield_sd_ratio": float(np.exp(np.mean(np.log(mf[mf_ok]))))
+                if mf_ok.any()
+                else math.nan,
                 "rejected": float(np.mean([r["rejected"] for r in rs])),
                 "wall": float(np.nanmean([r["wall"] for r in rs]))
                 if any(np.isfinite(r["wall"]) for r in rs)
@@ -523,13 +541,15 @@ def _flags(flags: dict[str, int], seeds: int) -> str:
 
 def markdown_table(agg: list[dict]) -> str:
     lines = [
-        "| posterior | method | mean err (sd) | max err | sd ratio | rejected | wall s | flags |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| posterior | method | mean err (sd) | max err | sd ratio | sd / mean-field sd |"
+        " rejected | wall s | flags |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for a in agg:
         lines.append(
             f"| {a['posterior']} | {a['method']} | {_num(a['mean_err'])} | "
-            f"{_num(a['max_err'], '.1f')} | {_num(a['sd_ratio'])} | {_num(a['rejected'], '.0f')}"
+            f"{_num(a['max_err'], '.1f')} | {_num(a['sd_ratio'])} | "
+            f"{_num(a['meanfield_sd_ratio'])} | {_num(a['rejected'], '.0f')}"
             f" | {_num(a['wall'], '.2f')} | {_flags(a['flags'], a['seeds'])} |"
         )
     return "\n".join(lines)
@@ -566,7 +586,7 @@ def criterion_table(agg: list[dict]) -> str:
                 verdict = "ok"
             else:
                 ratio = s["mean_err"] / e["mean_err"] if e["mean_err"] > 0 else math.inf
-                verdict = f"FAIL (x{_num(ratio)})"
+                verdict = f"FAIL (x{_num(ratio, '.3f')})"
             passed[b] += verdict == "ok"
             cells.append(f"{_num(e['mean_err'])} | {_num(s['mean_err'])} | {verdict}")
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
@@ -574,6 +594,14 @@ def criterion_table(agg: list[dict]) -> str:
         "| **passed** | " + " | ".join(f" | | {passed[b]}/{len(posts)}" for b in backends) + " |"
     )
     return "\n".join(lines)
+
+
+def print_tables(agg: list[dict]) -> None:
+    print(markdown_table(agg))
+    crit = criterion_table(agg)
+    if crit:
+        print("\nIssue 11 criterion (ScoreProximalSVI mean error <= Trace_ELBO's, no flag):\n")
+        print(crit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -610,8 +638,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=None, help="write rows and aggregates as JSON here")
     parser.add_argument("--quiet", action="store_true", help="no per-fit progress lines")
+    parser.add_argument(
+        "--render",
+        nargs="+",
+        metavar="JSON",
+        help="fit nothing: print the tables of earlier --out files (rows merged, later wins)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.render:
+        merged: dict = {}
+        for path in args.render:
+            with open(path) as fh:
+                for r in json.load(fh)["rows"]:
+                    merged[(r["posterior"], r["method"], r["seed"])] = r
+        print_tables(aggregate(list(merged.values())))
+        return 0
 
     posteriors = [get_posterior(n) for n in _names(args.posteriors, POSTERIORS, POSTERIORS)]
     methods = [METHODS[n] for n in _names(args.methods, METHODS, METHODS)]
@@ -637,11 +679,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{seeds}, {args.evals} gradient evaluations per fit (S = {defaults.NUM_PARTICLES}), "
         f"{elapsed:.0f} s\n"
     )
-    print(markdown_table(agg))
-    crit = criterion_table(agg)
-    if crit:
-        print("\nIssue 11 criterion (ScoreProximalSVI mean error <= Trace_ELBO's, no flag):\n")
-        print(crit)
+    print_tables(agg)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(
