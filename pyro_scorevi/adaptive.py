@@ -121,7 +121,12 @@ def adaptive_update(
     # the scales wait for it, instead of growing to the prior's first.
     scale_rate = torch.minimum(scale_rate, rule.scale_to_mean_rate * mean_rate)
     proposed_loc, proposed_scale = diagonal_proximal_update(
-        loc, scale, stats, 2 / mean_rate - 2, rule.num_alternations, scale_prox_weight=4 / scale_rate - 4
+        loc,
+        scale,
+        stats,
+        2 / mean_rate - 2,
+        rule.num_alternations,
+        scale_prox_weight=4 / scale_rate - 4,
     )
     # The trust region, in units of the narrower of q_t and q_{t+1}.
     mean_step = proposed_loc - loc

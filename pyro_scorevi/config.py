@@ -79,8 +79,7 @@ class ScoreProximalConfig:
         rule = self.step_rule
         used = {
             "average_after": self.average_after is not None,
-            "scale_prox_weight": isinstance(rule, FixedStep)
-            and rule.scale_prox_weight is not None,
+            "scale_prox_weight": isinstance(rule, FixedStep) and rule.scale_prox_weight is not None,
         }
         return [name for name, on in used.items() if on]
 

@@ -149,9 +149,7 @@ def _fixed_update(state, stats, loss, finite, rule: FixedStep):
             state.loc, state.scale, stats, weight, rule.num_alternations, scale_weight
         )
         finite = bool(
-            torch.isfinite(new_loc).all()
-            & torch.isfinite(new_scale).all()
-            & (new_scale > 0).all()
+            torch.isfinite(new_loc).all() & torch.isfinite(new_scale).all() & (new_scale > 0).all()
         )
     if not finite:
         return _failed(state), StepInfo(loss, False, False, math.nan)

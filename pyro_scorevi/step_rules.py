@@ -189,9 +189,7 @@ class FixedStep:
                 f"num_alternations must be an int >= 1 (got {type(value).__name__} {value!r})."
             )
         if value < 1:
-            raise ValueError(
-                f"num_alternations must satisfy num_alternations >= 1 (got {value})."
-            )
+            raise ValueError(f"num_alternations must satisfy num_alternations >= 1 (got {value}).")
 
     def weights(self, step: Any) -> tuple[Any, Any]:
         """``(lambda, lambda_s)`` at ``step`` (a Python int or a traced integer)."""

@@ -46,7 +46,7 @@ from pyro_scorevi.guides import (
 from pyro_scorevi.proximal import ScoreStatistics
 from pyro_scorevi.schedules import ProxWeight
 from pyro_scorevi.scores import LogJoint
-from pyro_scorevi.step_rules import AdaptiveStep, FixedStep, StepRule, resolve_step_rule
+from pyro_scorevi.step_rules import FixedStep, StepRule, resolve_step_rule
 
 __all__ = ["ScoreProximalSVI"]
 
@@ -612,8 +612,8 @@ def _clone(tree):
     if isinstance(tree, dict):
         return {k: _clone(v) for k, v in tree.items()}
     if isinstance(tree, tuple):
-        return type(tree)(*map(_clone, tree)) if hasattr(tree, "_fields") else tuple(
-            map(_clone, tree)
+        return (
+            type(tree)(*map(_clone, tree)) if hasattr(tree, "_fields") else tuple(map(_clone, tree))
         )
     if isinstance(tree, list):
         return [_clone(v) for v in tree]

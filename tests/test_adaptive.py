@@ -116,8 +116,9 @@ def test_a_model_that_refuses_a_drawn_parameter_fails_the_step_not_the_fit():
 def test_fixed_step_is_the_explicit_previous_default():
     svi = ScoreProximalSVI(raw_regression, AutoNormal(raw_regression), prox_weight=10.0)
     assert svi.step_rule == FixedStep(prox_weight=10.0)
-    assert isinstance(ScoreProximalSVI(raw_regression, AutoNormal(raw_regression)).step_rule,
-                      AdaptiveStep)
+    assert isinstance(
+        ScoreProximalSVI(raw_regression, AutoNormal(raw_regression)).step_rule, AdaptiveStep
+    )
     with pytest.raises(ValueError, match="either step_rule or prox_weight"):
         ScoreProximalSVI(
             raw_regression, AutoNormal(raw_regression), step_rule=AdaptiveStep(), prox_weight=1.0
@@ -145,12 +146,20 @@ def test_adaptive_update_torch_jax_parity():
         stats = [rng.standard_normal(50) for _ in range(4)]
         stats[1] = stats[0] ** 2 + np.abs(rng.standard_normal(50))
         t = adaptive_update(
-            torch.tensor(loc), torch.tensor(scale), ScoreStatistics(*map(torch.tensor, stats)),
-            t_rates, 0.7, rule,
+            torch.tensor(loc),
+            torch.tensor(scale),
+            ScoreStatistics(*map(torch.tensor, stats)),
+            t_rates,
+            0.7,
+            rule,
         )
         j = jadaptive.adaptive_update(
-            jnp.asarray(loc), jnp.asarray(scale), JStats(*map(jnp.asarray, stats)),
-            j_rates, 0.7, rule,
+            jnp.asarray(loc),
+            jnp.asarray(scale),
+            JStats(*map(jnp.asarray, stats)),
+            j_rates,
+            0.7,
+            rule,
         )
         # torch vs JAX parity tier (float64).
         np.testing.assert_allclose(t[0].numpy(), np.asarray(j[0]), rtol=1e-10, atol=1e-12)

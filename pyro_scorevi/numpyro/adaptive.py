@@ -68,9 +68,7 @@ def _trend(trend, memory, direction, min_memory):
 
 def _radius(radius, step, last, rule, largest, smallest):
     turn = step * last
-    factor = jnp.where(
-        turn > 0, rule.radius_growth, jnp.where(turn < 0, rule.radius_shrink, 1.0)
-    )
+    factor = jnp.where(turn > 0, rule.radius_growth, jnp.where(turn < 0, rule.radius_shrink, 1.0))
     return jnp.clip(radius * factor, smallest, largest)
 
 

@@ -31,7 +31,6 @@ Neural Networks", arXiv:2602.05873, 2026.
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 from collections import namedtuple
 from collections.abc import Callable
@@ -46,7 +45,8 @@ from numpyro import handlers
 from numpyro.optim import Adam, _NumPyroOptim, optax_to_numpyro
 
 from pyro_scorevi import defaults
-from pyro_scorevi.config import ScoreProximalConfig, check_int
+from pyro_scorevi.config import ScoreProximalConfig
+from pyro_scorevi.numpyro.adaptive import adaptive_update, init_rates
 from pyro_scorevi.numpyro.guides import (
     DiagonalFamily,
     MultivariateFamily,
@@ -62,7 +62,6 @@ from pyro_scorevi.numpyro.scores import (
     particle_scores,
     standard_normal_particles,
 )
-from pyro_scorevi.numpyro.adaptive import RateState, adaptive_update, init_rates
 from pyro_scorevi.schedules import ProxWeight
 from pyro_scorevi.step_rules import AdaptiveStep, StepRule
 
@@ -284,9 +283,7 @@ def update(
         )
         optim_state = state.optim_state
         if config.average_after is not None:
-            average = _accumulate_average(
-                family, average, params, state.step + 1, config, accepted
-            )
+            average = _accumulate_average(family, average, params, state.step + 1, config, accepted)
     else:
         params, optim_state, loss = _multivariate_step(
             model, family, config, state, step_key, args, kwargs
