@@ -299,6 +299,25 @@ def test_ivon_handles_the_positive_noise_site():
     assert all(np.all(np.isfinite(v)) for v in (*loc.values(), *scale.values()))
 
 
+def test_a_diverging_ivon_fit_is_reported_not_raised(tmp_path):
+    pytest.importorskip("ivon")
+    problem = get_problem("sunspots")
+    result = run_comparison(
+        problem,
+        seeds=[0],
+        budget=Budget(grad_evals=400),
+        settings=Settings(eval_samples=4, elbo_particles=2, checkpoints=2, ivon_lr=(1e4,)),
+        methods=("ivon",),
+        progress=False,
+    )
+    block = result["summary"]["pyro-ivon"]["equal_evals"]
+    # Either the weights blew up (figures null in the strict JSON) or steps were dropped.
+    assert block["crps"]["mean"] is None or block["rejected_steps"]["mean"] > 0
+    report.write_json({"problems": {"sunspots": result}}, tmp_path / "r.json")
+    assert report.write_plots(result, tmp_path)
+    assert report.format_table(result)
+
+
 def test_ivon_rejects_a_model_without_data():
     pytest.importorskip("ivon")
     from pyro_scorevi.compare.ivon_fit import IVONFit

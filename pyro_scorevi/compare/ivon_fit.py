@@ -23,7 +23,12 @@ does) and takes ``mc_samples`` draws of the weights on it (``mc_samples`` gradie
 then ``optimizer.step()``: the training loop of the package's README. Everything else is the
 package's documented default (``hess_init=1``, ``beta1=0.9``, ``beta2=0.99999``, no clipping,
 ``rescale_lr=True``) except the learning rate (:data:`DEFAULT_LR`, chosen from the grid
-:data:`LR_GRID`).
+:data:`LR_GRID`). A step whose gradients are not finite is dropped and counted
+(:attr:`IVONFit.num_rejected`), where ``ivon-opt`` itself would write NaN into every weight.
+With ``beta2 = 0.99999`` the Hessian moves by about 1% in a thousand steps, so within these
+budgets the posterior sd stays near its start :math:`1/\\sqrt{N (h_0 + \\delta)}` (0.026 on
+the digits networks): IVON's predictive figures are those of a well-trained mean with small
+noise, and its ``-ELBO`` is far above the other methods' (its entropy is small).
 
 The fitted posterior is IVON's mean and :math:`\\sigma = 1/\\sqrt{\\mathrm{ess}\\,(h +
 \\delta)}` per weight, reported in the latent names of the model, so the predictive metrics and
@@ -45,14 +50,18 @@ from pyro_scorevi.compare.models import TORCH, ModelSpec
 __all__ = ["IVONFit", "LR_GRID", "DEFAULT_LR", "default_lr", "HESS_INIT"]
 
 #: The learning rates tried per problem (``pyro-scorevi compare --methods ivon --ivon-lr ...``).
-LR_GRID = (0.05, 0.1, 0.2)
+LR_GRID = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 #: The package's documented defaults (``ivon.IVON``) that the adapter keeps.
 HESS_INIT = 1.0
 
-#: The grid's best learning rate per problem (test NLL or CRPS at the problem's budget,
-#: ``--seeds 1``, measured for issue 13); other problems use 0.1, the package README's value.
-DEFAULT_LR: dict[str, float] = {"digits-mlp": 0.1, "digits-vit": 0.1, "sunspots": 0.1}
+#: The grid's best learning rate per problem: the lowest headline figure (test NLL, CRPS)
+#: averaged over the two budgets at the problem's default budget, seeds 0-1 (issue 13).
+#: Measured NLL at equal evaluations, lr 0.05 / 0.1 / 0.2 / 0.5 / 1 / 2: digits-mlp 0.160 /
+#: 0.126 / 0.109 / 0.106 / 0.102 / 0.113; digits-vit 2.16 / 1.75 / 1.21 / 0.92 / 0.83 / 0.88.
+#: Sunspots CRPS (= evals, = time): 0.05: 9.40, 9.40; 0.1: 9.66, 10.2; 0.2: 9.02, 12.9; 0.5:
+#: 17.2, 13.5; 2 diverges (NaN). Other problems use 0.1, the value of the package's README.
+DEFAULT_LR: dict[str, float] = {"digits-mlp": 1.0, "digits-vit": 1.0, "sunspots": 0.05}
 
 
 def default_lr(problem_name: str) -> float:
@@ -139,6 +148,8 @@ class IVONFit:
             **ivon_kwargs,
         )
         self.num_steps = 0
+        #: Steps dropped because a gradient was not finite (the weights are left as they were).
+        self.num_rejected = 0
 
     # -- the model in torch ------------------------------------------------------------------
 
@@ -163,7 +174,8 @@ class IVONFit:
         if lik == "bernoulli":
             return F.binary_cross_entropy_with_logits(out.squeeze(-1), y, reduction="sum")
         sd = values[self.spec.noise_site]
-        return -torch.distributions.Normal(out.squeeze(-1), sd).log_prob(y).sum()
+        normal = torch.distributions.Normal(out.squeeze(-1), sd, validate_args=False)
+        return -normal.log_prob(y).sum()
 
     def _log_prior(self) -> tuple[Any, Any]:
         """``(log p(theta) + log|J|, the non-Gaussian part of it)`` at the current weights."""
@@ -174,7 +186,8 @@ class IVONFit:
         for name, s, positive in self._prior:
             u = self.params[name]
             if positive:
-                lp = torch.distributions.HalfNormal(s).log_prob(torch.exp(u)) + u
+                half = torch.distributions.HalfNormal(s, validate_args=False)
+                lp = half.log_prob(torch.exp(u)) + u
                 extra = extra + lp.sum()
             else:
                 lp = -0.5 * (u / s) ** 2 - math.log(s) - 0.5 * math.log(2 * math.pi)
@@ -208,8 +221,19 @@ class IVONFit:
                 loss = nll / b - extra / self.n
                 loss.backward()
                 log_p += float(prior.detach()) - float(nll.detach()) * self.n / b
-        opt.step()
         self.num_steps += 1
+        state = opt.state
+        finite = all(
+            state[k] is None or bool(torch.isfinite(state[k]).all())
+            for k in ("avg_grad", "avg_nxg", "avg_gsq")
+        )
+        if finite:
+            opt.step()
+        else:
+            # A non-finite gradient would turn every weight into NaN: the step is dropped (the
+            # optimizer's accumulated draws are cleared, as its own step does) and counted.
+            opt._reset_samples()
+            self.num_rejected += 1
         return -(log_p / self.mc_samples + entropy)
 
     def moments(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

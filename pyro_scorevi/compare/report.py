@@ -317,9 +317,9 @@ def _plot_reliability(result: dict[str, Any], path: pathlib.Path) -> None:
     fig, axes = _figure(1, len(keys), (3.4 * len(keys), 3.6))
     for ax, key in zip(axes[0], keys):
         run = next(r for r in result["runs"] if r["method"] == key)
-        p = run["equal_evals"]["plot"]
-        conf = [math.nan if v is None else v for v in p["confidence"]]
-        acc = [math.nan if v is None else v for v in p["accuracy"]]
+        p = _nan_lists(run["equal_evals"]["plot"])
+        conf = p["confidence"]
+        acc = p["accuracy"]
         edges = [i / len(conf) for i in range(len(conf) + 1)]
         centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
         ax.bar(centers, acc, width=1 / len(conf), color=colors[key], alpha=0.7, ec="k", lw=0.5)
@@ -327,7 +327,8 @@ def _plot_reliability(result: dict[str, Any], path: pathlib.Path) -> None:
         ax.plot(conf, acc, "k.", ms=4)
         ece = run["equal_evals"]["metrics"]["ece"]
         ax.set_title(
-            f"{result['methods'][key]['label']}\nECE {ece:.3f} (seed {run['seed']})", fontsize=9
+            f"{result['methods'][key]['label']}\nECE {_num(ece, '.3f')} (seed {run['seed']})",
+            fontsize=9,
         )
         ax.set_xlabel("confidence")
         ax.set_ylabel("accuracy")
@@ -336,20 +337,29 @@ def _plot_reliability(result: dict[str, Any], path: pathlib.Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _num(value: float | None, spec: str) -> str:
+    return "nan" if value is None else format(value, spec)
+
+
+def _nan_lists(plot: dict[str, list[Any]]) -> dict[str, list[float]]:
+    """The plot arrays with JSON's nulls (a diverged fit) back as NaN."""
+    return {k: [math.nan if v is None else v for v in vals] for k, vals in plot.items()}
+
+
 def _plot_bands(result: dict[str, Any], path: pathlib.Path) -> None:
     keys = list(result["methods"])
     colors = _colors(result)
     fig, axes = _figure(len(keys), 1, (8, 2.4 * len(keys)))
     for ax, key in zip(axes[:, 0], keys):
         run = next(r for r in result["runs"] if r["method"] == key)
-        p = run["equal_evals"]["plot"]
+        p = _nan_lists(run["equal_evals"]["plot"])
         ax.fill_between(p["time"], p["lo"], p["hi"], color=colors[key], alpha=0.3, label="90% band")
         ax.plot(p["time"], p["mean"], color=colors[key], label="predictive mean")
         ax.plot(p["time"], p["y"], "k.", ms=4, label="observed")
         m = run["equal_evals"]["metrics"]
         ax.set_title(
-            f"{result['methods'][key]['label']}: CRPS {m['crps']:.3g}, "
-            f"coverage {m['coverage90']:.2f} (seed {run['seed']})",
+            f"{result['methods'][key]['label']}: CRPS {_num(m['crps'], '.3g')}, "
+            f"coverage {_num(m['coverage90'], '.2f')} (seed {run['seed']})",
             fontsize=9,
         )
         ax.grid(alpha=0.3)

@@ -388,6 +388,10 @@ class _IVONRowFit:
     def step(self) -> float:
         return self.fit.step()
 
+    @property
+    def num_rejected(self) -> int:
+        return self.fit.num_rejected
+
     def moments(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         return self.fit.moments()
 
@@ -672,6 +676,19 @@ def _figures(problem, fit, settings, seed, num_samples, details):
     full KL minus the mean-field optimum's (negative: closer than any mean-field fit can be).
     """
     loc, scale = fit.moments()
+    if not all(np.all(np.isfinite(v)) for v in (*loc.values(), *scale.values())):
+        # A diverged fit (e.g. IVON at too high a learning rate): every figure is NaN (null in
+        # the JSON), with the same names as a finite fit's.
+        ones = {k: np.ones_like(v) for k, v in loc.items()}
+        names = problem.evaluate(ones, ones, 2, seed=seed, details=details)
+        figures: dict[str, Any] = {k: math.nan for k in names if k != "_plot"}
+        if "_plot" in names:
+            figures["_plot"] = {  # the data axes stay; the fit's arrays are NaN
+                k: v if k in ("time", "y") else np.full(np.shape(v), math.nan)
+                for k, v in names["_plot"].items()
+            }
+        figures["neg_elbo"] = math.nan
+        return loc, scale, figures
     figures = problem.evaluate(loc, scale, num_samples, seed=seed, details=details)
     if getattr(fit, "full_rank", False):
         m, cov = fit.covariance()
