@@ -121,6 +121,10 @@ def update(
     noise = state.loss_noise
     if state.backup_loc is not None:  # two accepted losses in a row: one noise sample
         noise = 0.9 * noise + 0.1 * 0.5 * (loss - state.backup_loss) ** 2
+    elif state.step == 0:
+        # No noise sample yet: start from 25% of the loss (the EMA forgets it within tens of
+        # steps), so that the first steps of a small model are not reverted for noise alone.
+        noise = (0.25 * loss) ** 2
     new_state = state._replace(
         loc=new_loc,
         scale=new_scale,

@@ -405,7 +405,12 @@ def _diagonal_step(model, family: DiagonalFamily, config, state, step_key, args,
         _select(accepted, scales, st.backup_scales),
         jnp.where(accepted, True, jnp.where(revert, False, st.has_backup)),
         jnp.where(accepted, loss, st.backup_loss).astype(dtype),
-        jnp.where(accepted & st.has_backup, sample, st.loss_noise).astype(dtype),
+        jnp.where(
+            accepted & st.has_backup,
+            sample,
+            # No noise sample yet: 25% of the loss, as the torch core.
+            jnp.where(accepted & (state.step == 0), jnp.square(0.25 * loss), st.loss_noise),
+        ).astype(dtype),
     )
     params = family.with_locs_scales(state.params, out_locs, out_scales)
     return params, loss, new_rule, accepted
