@@ -83,10 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-particles",
         type=int,
         default=2,
-        help="particles per step for both methods (S gradient evaluations; default 2)",
+        help="particles per step of elbo, scoreprox and ivon (S gradient evaluations; IVON's "
+        "mc_samples; default 2)",
     )
     c.add_argument(
-        "--prox-weight", type=float, default=None, help="lambda (default: the problem's, 100)"
+        "--prox-weight",
+        type=float,
+        default=None,
+        help="a fixed lambda (default: the problem's; none set: the library's default step rule)",
     )
     c.add_argument(
         "--scale-prox-weight",
@@ -134,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--numpyro",
         action="store_true",
-        help="also run NumPyro's SVI + Trace_ELBO and pyro_scorevi.numpyro.ScoreProximalSVI",
+        help="also run NumPyro's SVI + Trace_ELBO and pyro_scorevi.numpyro.ScoreProximalSVI "
+        "(GSM and BaM always run in JAX on the NumPyro model)",
     )
     c.add_argument(
         "-o",
@@ -182,7 +187,11 @@ def _list_problems() -> int:
     width = max(len(a) for a in ALGORITHMS)
     for name, a in ALGORITHMS.items():
         mark = " (default)" if name in DEFAULT_ALGORITHMS else ""
-        where = "every problem" if a.kinds is None else "problems of kind " + ", ".join(a.kinds)
+        where = (
+            "every problem"
+            if a.kinds is None
+            else "on " + ", ".join(n for n, p in PROBLEMS.items() if p.kind in a.kinds)
+        )
         print(f"{name.ljust(width)}  {a.description}; {where}{mark}")
     return 0
 

@@ -78,7 +78,8 @@ def _table(result: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
     per_step = f"S = {b['num_particles']} per step"
     batch = result.get("settings", {}).get("score_batch_size", {})
     full_rank = [result["methods"][k]["algorithm"] for k in methods]
-    extra = [f"{a.upper()} B = {batch[a]}" for a in ("gsm", "bam") if a in full_rank and a in batch]
+    names = {"gsm": "GSM", "bam": "BaM"}
+    extra = [f"{names[a]} B = {batch[a]}" for a in names if a in full_rank and a in batch]
     if extra:
         per_step += ", " + ", ".join(extra)
     title = (
