@@ -490,7 +490,7 @@ _register(
     Posterior(
         "diabetes-raw",
         "diabetes (442 x 10, unscaled) + bmi*bp, age*sex; linear regression, N(0, 10^2) coefs",
-        "raw-scale columns (1 to 2500), collinear s1/s2, interaction terms",
+        "raw-scale columns (1 to 4700), s1/s2 correlated at 0.90, interaction terms",
         _diabetes_raw,
         _p(_linreg, intercept_sd=200.0, coef_sd=10.0, noise=("halfnormal", 100.0)),
         ("x", "y"),
@@ -523,7 +523,7 @@ _register(
     Posterior(
         "ccard-quadratic",
         "credit-card spending (72) on age, income, income^2, owner, age*income",
-        "income and its square (r = 0.96) plus an interaction, target of order 300",
+        "income and its square (r = 0.97) plus an interaction, target of order 300",
         _ccard,
         _p(_linreg, intercept_sd=500.0, coef_sd=100.0, noise=("halfcauchy", 100.0)),
         ("x", "y"),
@@ -534,7 +534,7 @@ _register(
     Posterior(
         "cancer-logreg-raw",
         "logistic regression, breast cancer (569) on 6 unstandardised columns (0.01 to 2500)",
-        "unstandardised inputs: radius/perimeter/area collinear, scales 1e-2 to 1e3",
+        "unstandardised inputs (0.05 to 2500); radius and perimeter correlated at 0.998",
         _cancer_raw,
         _p(_logreg, intercept_sd=10.0, coef_sd=5.0),
         ("x", "y"),
