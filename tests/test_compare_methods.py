@@ -121,6 +121,48 @@ def test_gsm_update_matches_the_score_of_a_single_draw():
     np.testing.assert_allclose(score, np.asarray(g[0]), atol=1e-4)
 
 
+def _random_step_inputs(d=5, b=4, seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((d, d))
+    cov = a @ a.T + np.eye(d)
+    return cov, rng.standard_normal(d), rng.standard_normal((b, d)), rng.standard_normal((b, d))
+
+
+def test_gsm_update_is_the_papers_per_draw_formula():
+    # Modi et al 2023, Algorithm 1, written out per draw with explicit matrices (float64).
+    cov, mu, z, g = _random_step_inputs()
+    d = len(mu)
+    dmu, dcov = np.zeros(d), np.zeros((d, d))
+    for zb, gb in zip(z, g):
+        eps = cov @ gb - mu + zb
+        c = gb @ cov @ gb + ((mu - zb) @ gb) ** 2
+        rho = (-1 + math.sqrt(1 + 4 * c)) / 2
+        step = (np.eye(d) - np.outer(mu - zb, gb) / (1 + rho + (mu - zb) @ gb)) @ eps / (1 + rho)
+        dmu += step / len(z)
+        dcov += (np.outer(mu - zb, mu - zb) - np.outer(mu + step - zb, mu + step - zb)) / len(z)
+    loc, new = gsm_bam.gsm_update(*(jnp.asarray(v, jnp.float32) for v in (mu, cov, z, g)))
+    np.testing.assert_allclose(np.asarray(loc), mu + dmu, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(new), cov + dcov, atol=1e-4)
+
+
+def test_bam_update_is_the_papers_matrix_formula():
+    # Cai et al 2024, Algorithm 1: Sigma = 2 V (I + (I + 4 U V)^(1/2))^(-1), by scipy's sqrtm.
+    from scipy.linalg import sqrtm
+
+    cov, mu, z, g = _random_step_inputs(seed=1)
+    lam = 3.0
+    zbar, gbar = z.mean(0), g.mean(0)
+    c_mat, gamma = np.cov(z.T, bias=True), np.cov(g.T, bias=True)
+    u = lam * gamma + lam / (1 + lam) * np.outer(gbar, gbar)
+    v = cov + lam * c_mat + lam / (1 + lam) * np.outer(mu - zbar, mu - zbar)
+    eye = np.eye(len(mu))
+    sigma = 2 * v @ np.linalg.inv(eye + sqrtm(eye + 4 * u @ v).real)
+    new_mu = mu / (1 + lam) + lam / (1 + lam) * (sigma @ gbar + zbar)
+    loc, new = gsm_bam.bam_update(*(jnp.asarray(x, jnp.float32) for x in (mu, cov, z, g)), lam)
+    np.testing.assert_allclose(np.asarray(loc), new_mu, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(new), sigma, atol=1e-4)
+
+
 @pytest.mark.parametrize("fit", [gsm_bam.fit_gsm, gsm_bam.fit_bam])
 def test_non_finite_scores_are_rejected_and_counted(fit):
     def score_fn(theta, key):
