@@ -120,6 +120,8 @@ def adaptive_update(
     # Scales no faster than their means: where the mean's steps are noise (a network early on)
     # the scales wait for it, instead of growing to the prior's first.
     scale_rate = torch.minimum(scale_rate, rule.scale_to_mean_rate * mean_rate)
+    # The means' floor (not the scales'): noisy coordinates keep learning at a fixed rate.
+    mean_rate = mean_rate.clamp_min(trust * rule.mean_rate_floor)
     proposed_loc, proposed_scale = diagonal_proximal_update(
         loc,
         scale,

@@ -97,6 +97,7 @@ def adaptive_update(
         trust * rule.max_scale_rate * scale_agreement, rule.min_rate, rule.max_scale_rate
     )
     scale_rate = jnp.minimum(scale_rate, rule.scale_to_mean_rate * mean_rate)
+    mean_rate = jnp.maximum(mean_rate, trust * rule.mean_rate_floor)
     proposed_loc, proposed_scale = diagonal_proximal_update(
         loc,
         scale,
