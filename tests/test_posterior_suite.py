@@ -122,7 +122,7 @@ def test_flat_target_matches_numpyro_log_density():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_tiny_suite_gives_a_complete_finite_table(tmp_path):
+def test_tiny_suite_gives_a_complete_finite_table(tmp_path, capsys):
     suite = _load_script("posterior_suite")
     out = tmp_path / "suite.json"
     names = ["raw-linreg-issue", "eight-schools"]
@@ -144,17 +144,22 @@ def test_tiny_suite_gives_a_complete_finite_table(tmp_path):
     )
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert {(r["posterior"], r["method"]) for r in rows} == {
-        (p, m) for p in names for m in methods
-    }
+    assert {(r["posterior"], r["method"]) for r in rows} == {(p, m) for p in names for m in methods}
     for r in rows:
         assert "crash" not in r["flags"], r.get("error")
         assert r["steps"] == 40 // result["num_particles"]
         for key in ("mean_err", "max_err", "sd_ratio", "wall"):
             assert math.isfinite(r[key]), (r["posterior"], r["method"], key)
+        dim = sum(len(v["mean"]) for v in P.reference(r["posterior"])["latents"].values())
+        assert len(r["loc"]) == len(r["scale"]) == dim
     assert len(result["aggregate"]) == len(names) * len(methods)
     table = suite.markdown_table(result["aggregate"])
     assert table.count("\n") == 1 + len(names) * len(methods)
+    # --render reprints the tables from the JSON without fitting.
+    capsys.readouterr()
+    assert suite.main(["--render", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert table in printed and "Issue 11 criterion" in printed
 
 
 def test_stuck_and_crash_flags():
