@@ -13,7 +13,7 @@ again, reported and left out (exit status 1).
 Writes ``pyro_scorevi/data/posterior_references.json``, merging into the existing file, so
 ``--posteriors a,b`` refreshes only those.
 
-Usage (about 5 minutes for all on 2 CPU cores)::
+Usage (5-7 minutes for all on 2 shared CPU cores)::
 
     python benchmarks/make_posterior_references.py [--posteriors all] [--chains 4]
         [--warmup 1000] [--samples 2000] [--seed 0]
