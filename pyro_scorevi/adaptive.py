@@ -75,10 +75,10 @@ def step_directions(
     return mean_direction, precision_direction
 
 
-def _trend(trend, memory, direction, min_memory):
+def _trend(trend, memory, direction, min_memory, max_memory):
     trend = trend + (direction - trend) / memory
     agreement = trend.square()
-    memory = ((1 - agreement) * memory + 1).clamp_min(min_memory)
+    memory = ((1 - agreement) * memory + 1).clamp(min_memory, max_memory)
     return trend, memory, agreement
 
 
@@ -106,10 +106,10 @@ def adaptive_update(
     """
     mean_direction, precision_direction = step_directions(scale, stats)
     mean_trend, mean_memory, mean_agreement = _trend(
-        rates.mean_trend, rates.mean_memory, mean_direction, rule.min_memory
+        rates.mean_trend, rates.mean_memory, mean_direction, rule.min_memory, rule.max_memory
     )
     scale_trend, scale_memory, scale_agreement = _trend(
-        rates.scale_trend, rates.scale_memory, precision_direction, rule.min_memory
+        rates.scale_trend, rates.scale_memory, precision_direction, rule.min_memory, rule.max_memory
     )
     mean_rate = (trust * rule.max_mean_rate * mean_agreement).clamp(
         rule.min_rate, rule.max_mean_rate
@@ -131,7 +131,9 @@ def adaptive_update(
         scale_prox_weight=4 / scale_rate - 4,
     )
     # The trust region, in units of the narrower of q_t and q_{t+1}.
-    mean_step = proposed_loc - loc
+    # Heavy-ball momentum where the mean's steps agree (a ridge of a correlated posterior, which
+    # coordinate-wise steps otherwise crawl along); off where they turn.
+    mean_step = proposed_loc - loc + rule.momentum * mean_agreement * rates.last_mean_step
     log_scale_step = torch.log(proposed_scale / scale)
     mean_radius = _radius(
         rates.mean_radius,

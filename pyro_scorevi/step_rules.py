@@ -92,10 +92,12 @@ class AdaptiveStep:
     #: (rates start at about 0.5 / 100).
     initial_memory: float = 10.0
     min_memory: float = 2.0
+    max_memory: float = float("inf")
     min_rate: float = 1e-4
     num_alternations: int = 1
     scale_to_mean_rate: float = 0.5
     mean_rate_floor: float = 0.0
+    momentum: float = 0.0
     initial_mean_radius: float = 1.0
     #: 1e4 sds: a coefficient 1000s of posterior sds from its start (raw-scale predictors)
     #: gets there in tens of agreeing steps (growth 1.5 per step).

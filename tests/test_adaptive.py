@@ -196,3 +196,30 @@ def test_numpyro_raw_scale_regression_does_not_freeze():
     assert abs(float(result.params["b_auto_loc"]) - beta[1]) < 3 * sd_b
     assert float(result.params["b_auto_scale"]) > 1e-3
     assert not result.stuck
+
+
+@pytest.mark.parametrize("init_scale", [1e-8, 1e-4, 1.0])
+def test_numpyro_any_init_scale_reaches_the_conjugate_posterior(init_scale):
+    pytest.importorskip("numpyro")
+    import jax
+    import numpyro
+    import numpyro.distributions as ndist
+    from numpyro.infer.autoguide import AutoNormal as NAutoNormal
+
+    from pyro_scorevi.numpyro import ScoreProximalSVI as NScoreProximalSVI
+
+    y = np.random.default_rng(1).standard_normal(50) + 2.0
+    post_var = 1 / (1 / 100 + 50)
+    post_mean = post_var * y.sum()
+
+    def model(y):
+        mu = numpyro.sample("mu", ndist.Normal(0.0, 10.0))
+        with numpyro.plate("data", len(y)):
+            numpyro.sample("y", ndist.Normal(mu, 1.0), obs=y)
+
+    guide = NAutoNormal(model, init_scale=init_scale)
+    result = NScoreProximalSVI(model, guide).run(
+        jax.random.PRNGKey(0), 1500, y, progress_bar=False
+    )
+    assert abs(float(result.params["mu_auto_scale"]) / math.sqrt(post_var) - 1) < 0.25
+    assert abs(float(result.params["mu_auto_loc"]) - post_mean) < 0.5 * math.sqrt(post_var)

@@ -59,10 +59,10 @@ def step_directions(scale: jax.Array, stats: ScoreStatistics) -> tuple[jax.Array
     return mean_direction, precision_direction
 
 
-def _trend(trend, memory, direction, min_memory):
+def _trend(trend, memory, direction, min_memory, max_memory):
     trend = trend + (direction - trend) / memory
     agreement = jnp.square(trend)
-    memory = jnp.maximum((1 - agreement) * memory + 1, min_memory)
+    memory = jnp.clip((1 - agreement) * memory + 1, min_memory, max_memory)
     return trend, memory, agreement
 
 
@@ -85,10 +85,10 @@ def adaptive_update(
     trust = jnp.asarray(trust, dtype)
     mean_direction, precision_direction = step_directions(scale, stats)
     mean_trend, mean_memory, mean_agreement = _trend(
-        rates.mean_trend, rates.mean_memory, mean_direction, rule.min_memory
+        rates.mean_trend, rates.mean_memory, mean_direction, rule.min_memory, rule.max_memory
     )
     scale_trend, scale_memory, scale_agreement = _trend(
-        rates.scale_trend, rates.scale_memory, precision_direction, rule.min_memory
+        rates.scale_trend, rates.scale_memory, precision_direction, rule.min_memory, rule.max_memory
     )
     mean_rate = jnp.clip(
         trust * rule.max_mean_rate * mean_agreement, rule.min_rate, rule.max_mean_rate
@@ -106,7 +106,9 @@ def adaptive_update(
         rule.num_alternations,
         scale_prox_weight=4 / scale_rate - 4,
     )
-    mean_step = proposed_loc - loc
+    # Heavy-ball momentum where the mean's steps agree (a ridge of a correlated posterior, which
+    # coordinate-wise steps otherwise crawl along); off where they turn.
+    mean_step = proposed_loc - loc + rule.momentum * mean_agreement * rates.last_mean_step
     log_scale_step = jnp.log(proposed_scale / scale)
     mean_radius = _radius(
         rates.mean_radius,

@@ -1,0 +1,146 @@
+"""The sweep behind the constants of :class:`pyro_scorevi.AdaptiveStep` (``docs/algorithm_sweeps.md``).
+
+Each configuration changes one or two constants of the default rule and is measured on
+
+* the 14 posteriors of ``benchmarks/posterior_suite.py`` (NumPyro backend, jitted, so the
+  whole set takes seconds): the median and worst mean error in reference sds and the median sd
+  ratio against the NUTS reference, the number of reverted/rejected steps;
+* the digits MLP and the digits ViT of ``pyro-scorevi compare`` (Pyro backend): test NLL, ECE,
+  accuracy and the full-data -ELBO.
+
+Every fit spends the same budget of gradient evaluations (``--evals``, S = 2 per step). Run:
+``python benchmarks/sweep_adaptive.py --evals 3000 --seed 0 > sweep.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+#: One-at-a-time changes from the default rule (the first row is the default).
+CONFIGS: dict[str, dict] = {
+    "default": {},
+    "scale_to_mean_rate=1": {"scale_to_mean_rate": 1.0},
+    "scale_to_mean_rate=0.25": {"scale_to_mean_rate": 0.25},
+    "mean_rate_floor=0.05": {"mean_rate_floor": 0.05},
+    "floor=0.1, scale_to_mean=0.25": {"mean_rate_floor": 0.1, "scale_to_mean_rate": 0.25},
+    "max_mean_rate=1": {"max_mean_rate": 1.0},
+    "min_mean_radius=0.01": {"min_mean_radius": 0.01, "initial_mean_radius": 1.0},
+    "num_alternations=2": {"num_alternations": 2},
+    "initial_memory=3": {"initial_memory": 3.0},
+}
+
+
+def posterior_figures(rule_kwargs: dict, evals: int, seed: int) -> dict:
+    """Median/worst mean error, median sd ratio and rejections over the posterior suite."""
+    import jax
+    from numpyro.infer.autoguide import AutoNormal
+
+    import posterior_suite as suite
+    from pyro_scorevi import AdaptiveStep
+    from pyro_scorevi.compare.posteriors import POSTERIORS
+    from pyro_scorevi.numpyro import ScoreProximalSVI
+
+    errors, ratios, rejected = [], [], 0
+    for posterior in POSTERIORS.values():
+        model, args, kwargs = posterior.numpyro_model_and_args()
+        guide = AutoNormal(model)
+        svi = ScoreProximalSVI(model, guide, step_rule=AdaptiveStep(**rule_kwargs))
+        result = svi.run(jax.random.PRNGKey(seed), evals // 2, *args, progress_bar=False, **kwargs)
+        sites = [n for n, _ in suite._site_list(posterior)]
+        loc = {n: np.asarray(result.params[f"{n}_auto_loc"], float) for n in sites}
+        scale = {n: np.asarray(result.params[f"{n}_auto_scale"], float) for n in sites}
+        steps = evals // 2
+        fit = suite.FitResult(loc, scale, None, steps, result.num_rejected_steps,
+                              np.zeros(steps, bool), 0.0)
+        scored = suite.score_fit(posterior, fit)
+        errors.append(scored["mean_err"])
+        ratios.append(scored["sd_ratio"])
+        rejected += result.num_rejected_steps
+    return {
+        "median_err": float(np.median(errors)),
+        "worst_err": float(np.max(errors)),
+        "median_sd_ratio": float(np.median(ratios)),
+        "rejected": rejected,
+    }
+
+
+def network_figures(problem_name: str, rule_kwargs: dict, evals: int, seed: int) -> dict:
+    """Test figures and full-data -ELBO of the Pyro ScoreProximalSVI fit of a network."""
+    import pyro
+    import torch
+    from pyro.infer.autoguide import AutoNormal
+    from pyro.infer.autoguide.initialization import init_to_median
+
+    from pyro_scorevi import AdaptiveStep, ScoreProximalSVI
+    from pyro_scorevi.compare.problems import get_problem
+    from pyro_scorevi.compare.runner import neg_elbo
+
+    torch.set_num_threads(1)
+    problem = get_problem(problem_name)
+    pyro.clear_param_store()
+    model, args, kwargs = problem.pyro_model_and_args()
+    pyro.set_rng_seed(seed)
+    guide = AutoNormal(model, init_loc_fn=init_to_median, init_scale=problem.init_scale)
+    guide(*args, **kwargs)
+    svi = ScoreProximalSVI(model, guide, step_rule=AdaptiveStep(**rule_kwargs))
+    for _ in range(evals // 2):
+        svi.step(*args, **kwargs)
+    loc, scale = {}, {}
+    with torch.no_grad():
+        for name in problem.latent_names():
+            m, s = guide._get_loc_and_scale(name)
+            loc[name] = m.double().numpy().copy()
+            scale[name] = s.double().numpy().copy()
+    figures = problem.evaluate(loc, scale, seed=seed)
+    return {
+        "nll": figures["nll"],
+        "ece": figures["ece"],
+        "acc": figures["accuracy"],
+        "neg_elbo": neg_elbo(problem, loc, scale, seed=seed),
+        "rejected": svi.num_rejected_steps,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--evals", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--configs", default="all", help="comma-separated names, or 'all'")
+    parser.add_argument("--out", help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    names = list(CONFIGS) if args.configs == "all" else args.configs.split(",")
+    rows = []
+    print(f"evals {args.evals}, seed {args.seed}\n")
+    print("| rule | posteriors: median / worst mean err (sd) | median sd ratio | rejected | "
+          "MLP NLL / ECE / acc / -ELBO | ViT NLL / ECE / acc / -ELBO | s |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        kw = CONFIGS[name]
+        t0 = time.perf_counter()
+        post = posterior_figures(kw, args.evals, args.seed)
+        mlp = network_figures("digits-mlp", kw, args.evals, args.seed)
+        vit = network_figures("digits-vit", kw, args.evals, args.seed)
+        rows.append({"rule": name, "kwargs": kw, "posteriors": post, "mlp": mlp, "vit": vit})
+        print(
+            f"| {name} | {post['median_err']:.2f} / {post['worst_err']:.2f} | "
+            f"{post['median_sd_ratio']:.2f} | {post['rejected']} | "
+            f"{mlp['nll']:.3f} / {mlp['ece']:.3f} / {mlp['acc']:.3f} / {mlp['neg_elbo']:.0f} | "
+            f"{vit['nll']:.3f} / {vit['ece']:.3f} / {vit['acc']:.3f} / {vit['neg_elbo']:.0f} | "
+            f"{time.perf_counter() - t0:.0f} |",
+            flush=True,
+        )
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
