@@ -137,7 +137,8 @@ def test_adaptive_update_torch_jax_parity():
     from pyro_scorevi.numpyro.proximal import ScoreStatistics as JStats
 
     rng = np.random.default_rng(0)
-    rule = AdaptiveStep()
+    # Every branch of the rule: the options that are off by default are on here.
+    rule = AdaptiveStep(momentum=0.5, mean_rate_floor=0.01, max_memory=50.0)
     loc = rng.standard_normal(50)
     scale = np.exp(rng.standard_normal(50))
     t_rates = init_rates(torch.tensor(loc), rule)
