@@ -10,8 +10,10 @@ sampling), evaluates the mini-batch log-joint scores :math:`\\hat g_k` and moves
         \\lVert \\nabla_\\theta \\log q(\\theta_k) - \\hat g_k \\rVert^2_{\\mathrm{Cov}(q_t)}
         + \\lambda_t\\, \\mathrm{KL}(q_t \\Vert q),
 
-in closed form for diagonal Gaussian guides (:mod:`pyro_scorevi.proximal`) and by inner
-optimiser steps for full- and low-rank Gaussian guides.
+in closed form for diagonal Gaussian guides (:mod:`pyro_scorevi.proximal`), by inner
+optimiser steps for full- and low-rank Gaussian guides, and by the general inner-step path of
+:mod:`pyro_scorevi.general` for every other guide whose density can be evaluated (flows,
+``AutoDelta`` as MAP, messenger guides, ``AutoGuideList`` combinations, hand-written guides).
 
 Reference: M. Kim, "Large-scale Score-based Variational Posterior Inference for Bayesian Deep
 Neural Networks", arXiv:2602.05873, 2026.
@@ -36,7 +38,14 @@ from pyro.optim import PyroOptim
 
 from pyro_scorevi import core, defaults
 from pyro_scorevi.fast_path import TracedStep
+from pyro_scorevi.general import (
+    CompositeFamily,
+    diagonal_sampler,
+    gather_state,
+    scatter_state,
+)
 from pyro_scorevi.guides import (
+    ActiveSet,
     DiagonalFamily,
     GaussianFamily,
     check_guide,
@@ -64,12 +73,20 @@ class ScoreProximalSVI:
         model: a Pyro model. Mini-batches come from ``pyro.plate(..., subsample_size=B)`` (or
             ``subsample=``): Pyro scales the likelihood by :math:`N/B`, which keeps the scores
             unbiased.
-        guide: an ``AutoNormal`` or ``AutoDiagonalNormal`` guide (closed-form step), or an
-            ``AutoMultivariateNormal`` / ``AutoLowRankMultivariateNormal`` guide (inner steps).
+        guide: an ``AutoNormal``, ``AutoNormalMessenger`` or ``AutoDiagonalNormal`` guide
+            (closed-form step; ``AutoNormal`` and ``AutoNormalMessenger`` also fit latents local
+            to a subsampled plate, row by row), an ``AutoMultivariateNormal`` /
+            ``AutoLowRankMultivariateNormal`` guide (inner steps), or any other guide whose
+            density can be evaluated at fixed points: flows (``AutoIAFNormal``), ``AutoDelta``
+            (MAP on the same scores), messenger guides, ``AutoGuideList`` combinations (a
+            closed-form part keeps its closed form) and hand-written guides built from
+            ``pyro.param`` and ``pyro.sample`` (the general inner-step path,
+            :mod:`pyro_scorevi.general`).
         optim: optional :class:`pyro.optim.PyroOptim` for the model's own ``pyro.param`` sites
             (deterministic layers, hyper-parameters), stepped on the ELBO gradient
             :math:`\\frac1S\\sum_k \\nabla_\\psi \\log p_\\psi(\\theta_k)`. Without it they stay
-            fixed.
+            fixed. A model whose only unknowns are ``pyro.param`` sites needs it (as ``SVI``
+            with an empty guide).
         num_particles: ``S``, particles (gradient evaluations) per step.
         prox_weight: :math:`\\lambda`, the weight of :math:`\\mathrm{KL}(q_t\\Vert q)` (an
             inverse step size), or a schedule ``step -> lambda`` such as
@@ -84,7 +101,8 @@ class ScoreProximalSVI:
             mini-batch (an odd last particle is drawn plainly).
         num_alternations: (precision, mean) alternations of the closed-form step.
         inner_optim: :class:`pyro.optim.PyroOptim` for the inner steps of full- and low-rank
-            guides (default ``pyro.optim.Adam({"lr": 1e-2})``).
+            guides and of the general path, and for the gradient steps of MAP (``Delta``)
+            sites (default ``pyro.optim.Adam({"lr": 1e-2})``).
         num_inner_steps: ``K >= 2`` inner steps per iteration for those guides.
         fast_path: for diagonal guides, replay the step's particle loop as a traced graph
             (:mod:`pyro_scorevi.fast_path`). ``None`` (default) traces after 100 eager steps
@@ -185,19 +203,24 @@ class ScoreProximalSVI:
         self._gaussian_rejected = 0
         self._rejected_in_a_row = 0
         self._state: core.DiagonalState | None = None
-        self._family: DiagonalFamily | GaussianFamily | None = None
+        self._family: DiagonalFamily | GaussianFamily | CompositeFamily | None = None
         self._log_joint: LogJoint | None = None
         self._particle_sums: Callable | None = None
         self._warned_fixed_params = False
+        self._pending_composite: dict | None = None
 
     @property
     def num_steps(self) -> int:
         """Accepted steps so far (the ``t`` of a ``FixedStep`` schedule)."""
+        if isinstance(self._family, CompositeFamily):
+            return self._family.num_steps
         return self._state.step if self._state is not None else self._gaussian_steps
 
     @property
     def num_rejected_steps(self) -> int:
         """Reverted and rejected steps so far."""
+        if isinstance(self._family, CompositeFamily):
+            return self._family.num_rejected
         return self._state.num_rejected if self._state is not None else self._gaussian_rejected
 
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
@@ -234,6 +257,8 @@ class ScoreProximalSVI:
         if isinstance(family, DiagonalFamily):
             info = self._diagonal_step(family, args, kwargs)
             loss, ok = info.loss, info.accepted
+        elif isinstance(family, CompositeFamily):
+            loss, ok = self._composite_step(family, args, kwargs)
         else:
             loss, ok = self._gaussian_step(family, args, kwargs)
             self._gaussian_steps += ok
@@ -248,18 +273,27 @@ class ScoreProximalSVI:
     def evaluate_loss(self, *args: Any, **kwargs: Any) -> float:
         """The negative ELBO estimate of the current guide from ``num_particles`` draws."""
         family = self._setup(args, kwargs)
+        if isinstance(family, CompositeFamily):
+            return family.evaluate_loss(self._log_joint, args, kwargs, self.num_particles)
+        subsample, active = None, None
         if isinstance(family, DiagonalFamily):
             loc, scale = family.read()
-            entropy = family.entropy(scale)
-            draw = _diagonal_sampler(loc, scale, self.antithetic)
+            if family.has_local:
+                subsample = family.draw_subsample(args, kwargs)
+                active = family.select(subsample)
+                loc, scale = loc[active.index], scale[active.index]
+            entropy = family.entropy(scale, None if active is None else active.weight)
+            draw = diagonal_sampler(loc, scale, self.antithetic)
         else:
             posterior = frozen_copy(family.posterior_and_params()[0])
             entropy = posterior.entropy()
             draw = _reflecting_sampler(posterior, self.antithetic)
-        total, subsample = 0.0, None
+        total = 0.0
         for k in range(self.num_particles):
             _, theta = draw(k)
-            value, subsample, _ = self._log_joint(family.to_sites(theta), args, kwargs, subsample)
+            sites = family.to_sites(theta, active) if active is not None else family.to_sites(theta)
+            value, used, _ = self._log_joint(sites, args, kwargs, subsample)
+            subsample = used or subsample
             total += value
         return -(total / self.num_particles + entropy).item()
 
@@ -271,6 +305,11 @@ class ScoreProximalSVI:
             "num_steps": self.num_steps,  # read-only summaries; the state below restores them
             "num_rejected_steps": self.num_rejected_steps,
             "diagonal_state": None if self._state is None else _clone(self._state._asdict()),
+            "composite": (
+                _clone(self._family.state_dict())
+                if isinstance(self._family, CompositeFamily)
+                else None
+            ),
             "gaussian_steps": self._gaussian_steps,
             "gaussian_rejected": self._gaussian_rejected,
             "inner_optim": copy.deepcopy(self.inner_optim.get_state()),
@@ -291,6 +330,11 @@ class ScoreProximalSVI:
                 diagonal["rates"] = core.RateState(*diagonal["rates"])
             diagonal = core.DiagonalState(**diagonal)
         self._state = diagonal
+        composite = state.get("composite")
+        if composite is not None:
+            self._pending_composite = _clone(composite)
+            if isinstance(self._family, CompositeFamily):
+                self._restore_composite()
         self._gaussian_steps = int(state.get("gaussian_steps", 0))
         self._gaussian_rejected = int(state.get("gaussian_rejected", 0))
         if "inner_optim" in state:
@@ -348,8 +392,19 @@ class ScoreProximalSVI:
             # The param store was changed from outside (loaded, edited): continue from it, with
             # no backup to revert to.
             state = state._replace(loc=loc, scale=scale, backup_loc=None, backup_scale=None)
+        active, full_state = None, state
+        if family.has_local:
+            # Local latents: the step updates the globals and the rows of the drawn indices,
+            # drawn first (as the guide's plates draw them) and replayed in the model.
+            subsample = family.draw_subsample(args, kwargs)
+            active = family.select(subsample)
+            state = gather_state(state, active.index)
+            loc, scale = state.loc, state.scale
+            compute = partial(self._particle_sums, active=active, subsample=subsample)
+        else:
+            compute = self._particle_sums
         try:
-            sums, total, params, param_grads = self._particle_sums(loc, scale, args, kwargs)
+            sums, total, params, param_grads = compute(loc, scale, args, kwargs)
         except ValueError as error:
             if not _is_validation_error(error):
                 raise
@@ -359,8 +414,11 @@ class ScoreProximalSVI:
             sums = torch.full((4,) + loc.shape, math.nan, dtype=loc.dtype, device=loc.device)
             total, params, param_grads = torch.tensor(math.nan), [], []
         stats = ScoreStatistics(*(sums.detach() / self.num_particles).unbind())
-        loss = -(total.detach() / self.num_particles + family.entropy(scale))
+        weight = None if active is None else active.weight
+        loss = -(total.detach() / self.num_particles + family.entropy(scale, weight))
         self._state, info = core.update(state, stats, float(loss), self.step_rule)
+        if active is not None:
+            self._state = scatter_state(full_state, self._state, info, active.index)
         if info.accepted or info.reverted:
             family.write(self._state.loc, self._state.scale)
             # What the store holds after its transforms (bitwise), so that the next step can
@@ -372,6 +430,47 @@ class ScoreProximalSVI:
             if self.average_after is not None and self._state.step > self.average_after:
                 self._accumulate_average(self._state.loc, self._state.scale)
         return info
+
+    def _composite_step(self, family: CompositeFamily, args, kwargs) -> tuple[float, bool]:
+        rule = self.step_rule
+        weight = (
+            float(rule.weights(family.num_steps)[0])
+            if isinstance(rule, FixedStep)
+            else defaults.PROX_WEIGHT  # no adaptive rule for the inner-step families (yet)
+        )
+        if not family.has_latents and self.optim is None:
+            params = self._log_joint.evaluate({}, args, kwargs)[2]
+            if not params:
+                raise ValueError(
+                    "the model has no latent sample sites and no pyro.param sites, so there "
+                    "is nothing to fit; check the model's pyro.sample statements."
+                )
+            raise ValueError(
+                f"the model has no latent sample sites: its only unknowns are its "
+                f"{len(params)} pyro.param site(s), which ScoreProximalSVI fits with optim= "
+                "(got optim=None). Pass e.g. optim=pyro.optim.Adam({'lr': 1e-2}), as SVI "
+                "would take."
+            )
+        loss, ok, params, grads = family.step(
+            self._log_joint,
+            args,
+            kwargs,
+            num_particles=self.num_particles,
+            antithetic=self.antithetic,
+            rule=rule,
+            weight=weight,
+            inner_optim=self.inner_optim,
+            num_inner_steps=self.num_inner_steps,
+        )
+        if ok:
+            self._step_model_params(params, grads, self.num_particles)
+        return loss, ok
+
+    def _restore_composite(self) -> None:
+        state = self._pending_composite
+        if state is not None and isinstance(self._family, CompositeFamily):
+            self._family.load_state_dict(state)
+            self._pending_composite = None
 
     @torch.no_grad()
     def _accumulate_average(self, loc: torch.Tensor, scale: torch.Tensor) -> None:
@@ -432,7 +531,24 @@ class ScoreProximalSVI:
     def _setup(self, args, kwargs):
         if self._family is None:
             self._family = make_family(self.guide, args, kwargs)
-            self._log_joint = LogJoint(self.model, self._family.transforms)
+            self._log_joint = LogJoint(
+                self.model,
+                self._family.transforms,
+                getattr(self._family, "guide_sites", ()),
+            )
+            self._restore_composite()
+            local = isinstance(self._family, DiagonalFamily) and self._family.has_local
+            for option, used in {
+                "fast_path": self.fast_path is not False,
+                "distributed=True": self.distributed,
+            }.items():
+                if local and used:
+                    plates = ", ".join(repr(n) for n in self._family.local_plates)
+                    raise NotImplementedError(
+                        f"{option} does not support latents local to a subsampled plate "
+                        f"({plates}): each step updates the rows of its own indices. Leave "
+                        f"{option} out for this model."
+                    )
             diagonal_only = {
                 "average_after": self.average_after is not None,
                 "scale_prox_weight": isinstance(self.step_rule, FixedStep)
@@ -442,9 +558,9 @@ class ScoreProximalSVI:
             for option, used in diagonal_only.items():
                 if used and not isinstance(self._family, DiagonalFamily):
                     raise NotImplementedError(
-                        f"{option} supports AutoNormal and AutoDiagonalNormal guides (got "
-                        f"{type(self.guide).__name__}); leave it out for full- and low-rank "
-                        "guides."
+                        f"{option} supports AutoNormal, AutoNormalMessenger and "
+                        f"AutoDiagonalNormal guides (got {type(self.guide).__name__}); leave it "
+                        "out for other guides."
                     )
             sums = partial(
                 particle_sums,
@@ -519,6 +635,8 @@ def particle_sums(
     antithetic: bool,
     learn_params: bool = True,
     reduce: Callable | None = None,
+    active: ActiveSet | None = None,
+    subsample: dict | None = None,
 ):
     """The particle loop of a diagonal step: ``S`` forward/backward passes of the log joint.
 
@@ -526,18 +644,25 @@ def particle_sums(
     :math:`\\delta`, :math:`\\delta^2`, :math:`\\delta\\hat g` and :math:`\\hat g` stacked as
     a ``(4, d)`` tensor (:math:`O(d)` memory whatever ``S`` is), the summed log joint, and the
     model's own parameters with their summed gradients (empty unless ``learn_params``).
-    ``reduce`` averages the sums across processes (``distributed=True``).
+    ``reduce`` averages the sums across processes (``distributed=True``). With local latents,
+    ``loc``/``scale`` are the ``active`` coordinates, ``subsample`` the plate indices drawn for
+    them, and each local score is divided by its :math:`N/B` (the score of the data point's own
+    posterior, not of :math:`N/B` copies of it).
     """
     sums = torch.zeros((4,) + loc.shape, dtype=loc.dtype, device=loc.device)
-    draw = _diagonal_sampler(loc, scale, antithetic)
-    total, subsample, params, param_grads = 0.0, None, [], None
+    draw = diagonal_sampler(loc, scale, antithetic)
+    total, params, param_grads = 0.0, [], None
     for k in range(num_particles):
         offset, theta = draw(k)
         with torch.enable_grad():
             theta.requires_grad_()
-            value, score, subsample, params, pgrads = log_joint.scores(
-                family.to_sites(theta), theta, args, kwargs, subsample, learn_params
+            sites = family.to_sites(theta) if active is None else family.to_sites(theta, active)
+            value, score, used, params, pgrads = log_joint.scores(
+                sites, theta, args, kwargs, subsample, learn_params
             )
+        subsample = used or subsample
+        if active is not None and active.weight is not None:
+            score = score / active.weight
         total = total + value
         sums = sums + torch.stack([offset, offset * offset, offset * score, score])
         param_grads = _accumulate(param_grads, pgrads)
@@ -570,20 +695,6 @@ def _proximal_objective(posterior, frozen, thetas, scores, covariance, weight):
     residual = score_q - scores
     fisher = torch.einsum("ki,ij,kj->k", residual, covariance, residual).mean()
     return fisher + weight * torch.distributions.kl_divergence(frozen, posterior)
-
-
-def _diagonal_sampler(loc: torch.Tensor, scale: torch.Tensor, antithetic: bool):
-    """``draw(k) -> (offset, theta)`` with :math:`\\theta = m + s\\varepsilon`; the odd ``k`` of
-    an antithetic pair reuses :math:`-\\varepsilon`."""
-    last = None
-
-    def draw(k: int):
-        nonlocal last
-        offset = -last if antithetic and k % 2 == 1 else scale * torch.randn_like(scale)
-        last = offset
-        return offset, loc + offset
-
-    return draw
 
 
 def _reflecting_sampler(posterior, antithetic: bool):
