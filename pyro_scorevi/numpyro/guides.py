@@ -77,6 +77,10 @@ class DiagonalFamily:
             self.loc_names = {self._flat_key: f"{prefix}_loc"}
             self.scale_names = {self._flat_key: f"{prefix}_scale"}
 
+    def param_names(self, params: dict) -> set[str]:
+        """The names of the guide's own param sites (the rest of ``params`` is the model's)."""
+        return set(self.loc_names.values()) | set(self.scale_names.values())
+
     def locs_scales(self, params: dict) -> tuple[dict, dict]:
         """``(m, s)`` per block from the constrained guide params."""
         locs = {k: params[n] for k, n in self.loc_names.items()}
@@ -131,6 +135,10 @@ class MultivariateFamily:
             f"{prefix}_cov_factor": constraints.real_matrix,
             f"{prefix}_scale": guide.scale_constraint,
         }
+
+    def param_names(self, params: dict) -> set[str]:
+        """The names of the guide's own param sites (the rest of ``params`` is the model's)."""
+        return set(self.constraints(params))
 
     def transforms(self, params: dict) -> dict:
         """Bijection from unconstrained space onto each param's support, by param name."""

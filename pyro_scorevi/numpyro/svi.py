@@ -20,6 +20,12 @@ about the learning rate whatever the gradient's size, so once the proximal move 
 than that the inner steps oscillate about :math:`q_t` (dense 3-d Gaussian target: mean error
 stuck at 0.25 with lr 1e-2).
 
+The model's own ``numpyro.param`` sites :math:`\\psi` are held fixed, or, with ``optim``, take
+one optimizer step per accepted proximal step on the ELBO gradient
+:math:`\\frac1S\\sum_k \\nabla_\\psi \\log \\hat p_\\psi(\\theta_k)` of the same particles (in
+unconstrained space, as ``numpyro.infer.SVI`` steps its params; :math:`q_t` does not depend on
+:math:`\\psi`, so no reparametrisation is needed).
+
 The loss reported by :func:`update` is the negative ELBO estimate of the frozen :math:`q_t`,
 :math:`-\\big(\\frac1S\\sum_k \\log\\hat p(\\theta_k) + H(q_t)\\big)`, comparable with the loss of
 ``numpyro.infer.SVI`` with ``Trace_ELBO``.
@@ -34,6 +40,7 @@ import logging
 import numbers
 from collections import namedtuple
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -42,6 +49,10 @@ import tqdm
 from jax import lax, random
 from jax.example_libraries import optimizers
 from numpyro import handlers
+from numpyro.distributions import constraints
+from numpyro.distributions.transforms import biject_to
+from numpyro.infer.elbo import ELBO, RenyiELBO, Trace_ELBO
+from numpyro.infer.util import helpful_support_errors, transform_fn
 from numpyro.optim import Adam, _NumPyroOptim, optax_to_numpyro
 
 from pyro_scorevi import defaults
@@ -60,6 +71,7 @@ from pyro_scorevi.numpyro.scores import (
     make_log_joint,
     particle_log_joints,
     particle_scores,
+    particle_scores_and_param_grads,
     standard_normal_particles,
 )
 from pyro_scorevi.schedules import ProxWeight
@@ -82,9 +94,10 @@ class ScoreProximalState(NamedTuple):
     """State of :class:`ScoreProximalSVI` (a pytree: ``jit`` and ``lax.scan`` carry it).
 
     Attributes:
-        params: the guide's param sites in their constrained space, i.e. exactly what
-            ``numpyro.infer.SVI.get_params`` would return: ``guide.sample_posterior(key,
-            params)`` and ``Predictive(model, guide=guide, params=params)`` take it as is.
+        params: the param sites of the guide and of the model (``numpyro.param``) in their
+            constrained space, i.e. exactly what ``numpyro.infer.SVI.get_params`` would
+            return: ``guide.sample_posterior(key, params)`` and ``Predictive(model,
+            guide=guide, params=params)`` take it as is.
         optim_state: the inner optimizer's state for the multivariate guides (it holds their
             params in unconstrained space, the copy the steps work on, and the optimizer's
             moments, carried from one proximal step to the next); ``()`` for diagonal guides.
@@ -99,6 +112,8 @@ class ScoreProximalState(NamedTuple):
         num_rejected: reverted and rejected steps so far (int32).
         rejected_in_a_row: consecutive reverted or rejected steps (int32); a fit whose count
             keeps growing is stuck.
+        param_optim_state: with ``optim``, its state over the model's param sites in
+            unconstrained space; ``()`` when they are held fixed (or there are none).
     """
 
     params: dict
@@ -109,6 +124,7 @@ class ScoreProximalState(NamedTuple):
     rule: Any = ()
     num_rejected: Any = 0
     rejected_in_a_row: Any = 0
+    param_optim_state: Any = ()
 
 
 class AdaptiveState(NamedTuple):
@@ -162,7 +178,7 @@ class ScoreProximalRunResult(namedtuple("ScoreProximalRunResult", ["params", "st
 STUCK_AFTER = 100
 
 
-def _as_numpyro_optim(optim: Any) -> _NumPyroOptim:
+def _as_numpyro_optim(optim: Any, name: str = "inner_optim") -> _NumPyroOptim:
     if optim is None:
         return Adam(defaults.INNER_LR)
     if isinstance(optim, _NumPyroOptim):
@@ -176,10 +192,75 @@ def _as_numpyro_optim(optim: Any) -> _NumPyroOptim:
     if optax is not None and isinstance(optim, optax.GradientTransformation):
         return optax_to_numpyro(optim)
     raise TypeError(
-        f"inner_optim must be a numpyro.optim optimizer, a jax.example_libraries optimizer or "
+        f"{name} must be a numpyro.optim optimizer, a jax.example_libraries optimizer or "
         f"an optax GradientTransformation (got {type(optim).__name__}); e.g. "
-        "inner_optim=numpyro.optim.Adam(1e-2)."
+        f"{name}=numpyro.optim.Adam(1e-2)."
     )
+
+
+def _particles_from_loss(loss: Any, num_particles: int | None) -> int | None:
+    """``num_particles`` from an ELBO passed as ``loss`` (``SVI``'s fourth argument)."""
+    if loss is None:
+        return num_particles
+    if not isinstance(loss, ELBO):
+        raise TypeError(
+            "loss must be a numpyro.infer ELBO such as Trace_ELBO(num_particles=2) or None (got "
+            f"{type(loss).__name__}); ScoreProximalSVI replaces ELBO gradients by scores, so "
+            "the ELBO only sets num_particles and the estimator of svi.loss.loss(...)."
+        )
+    if isinstance(loss, RenyiELBO):
+        raise TypeError(
+            f"loss=RenyiELBO(alpha={loss.alpha}) is another objective than the one "
+            "ScoreProximalSVI fits (the ELBO, KL(q || p)); pass Trace_ELBO(num_particles=S) or "
+            "num_particles=S."
+        )
+    if num_particles is not None and num_particles != loss.num_particles:
+        raise ValueError(
+            f"num_particles={num_particles} disagrees with loss.num_particles="
+            f"{loss.num_particles}; pass one of them."
+        )
+    return loss.num_particles
+
+
+def _model_param_sites(model_trace: dict) -> tuple[dict, dict]:
+    """``(values, transforms)`` of the model's ``numpyro.param`` sites: constrained values and
+    the bijections from unconstrained space onto their constraints."""
+    values, transforms = {}, {}
+    for name, site in model_trace.items():
+        if site["type"] == "param":
+            constraint = site["kwargs"].get("constraint", constraints.real)
+            with helpful_support_errors(site):
+                transforms[name] = biject_to(constraint)
+            values[name] = site["value"]
+    return values, transforms
+
+
+class _Scorer:
+    """One step's particle pass: log joints, scores and (learned params) their ELBO gradient.
+
+    ``fixed``: constrained values of the model's param sites held fixed; ``learned``: the
+    unconstrained values ``optim`` steps. ``constrain`` maps the latter to constrained values
+    once the pass has run (it reads the constraints the model declared).
+    """
+
+    def __init__(self, model, args, kwargs, fixed, learned, forward_mode):
+        self.model, self.args, self.kwargs = model, args, kwargs
+        self.fixed, self.learned, self.forward_mode = fixed, learned, forward_mode
+        self.log_joint = None
+
+    def __call__(self, model_key, to_latents, thetas):
+        self.log_joint = make_log_joint(self.model, self.args, self.kwargs, model_key, self.fixed)
+        if self.learned is None:
+            log_p, scores = particle_scores(
+                self.log_joint, to_latents, thetas, forward_mode=self.forward_mode
+            )
+            return log_p, scores, None
+        return particle_scores_and_param_grads(
+            self.log_joint, to_latents, thetas, self.learned, forward_mode=self.forward_mode
+        )
+
+    def constrain(self, unconstrained: dict) -> dict:
+        return self.log_joint.constrain(unconstrained)
 
 
 # ----------------------------------------------------------------------------- functional core
@@ -192,34 +273,82 @@ def init(
     rng_key: jax.Array,
     *args,
     init_params: dict | None = None,
+    optim: Any = None,
     **kwargs,
 ) -> ScoreProximalState:
-    """The initial state: runs the model once (checks) and the guide once (its params).
+    """The initial state: runs the model once (checks, its param sites) and the guide once.
 
     Args:
         model, guide: the NumPyro model and a supported autoguide of it.
         config: the hyper-parameters (the inner optimizer initialises its state).
         rng_key: a ``jax.random`` key.
-        init_params: optional constrained values for some guide param sites.
+        init_params: optional constrained values for some param sites of the guide or the
+            model (as ``numpyro.infer.SVI.init``).
+        optim: optional optimizer of the model's ``numpyro.param`` sites (see
+            :class:`ScoreProximalSVI`); ``None`` holds them fixed at their initial values.
         args, kwargs: the model's arguments.
 
     Raises:
         TypeError: unsupported guide.
-        ValueError, NotImplementedError: see :func:`pyro_scorevi.numpyro.scores.check_model`.
+        ValueError: ``init_params`` names no param site; a param name is both the model's and
+            the guide's; see also :func:`pyro_scorevi.numpyro.scores.check_model`.
+        NotImplementedError: see :func:`pyro_scorevi.numpyro.scores.check_model`.
     """
+    return _init(model, guide, config, rng_key, args, kwargs, init_params, optim)[0]
+
+
+def _init(model, guide, config, rng_key, args, kwargs, init_params, optim):
+    """:func:`init`, plus the transforms of the model's param sites (``constrain_fn``)."""
     check_guide(guide)
     rng_key, model_seed, guide_seed = random.split(rng_key, 3)
-    check_model(model, model_seed, args, kwargs)
+    model_trace = check_model(model, model_seed, args, kwargs, init_params)
+    model_params, model_transforms = _model_param_sites(model_trace)
     guide_init = handlers.seed(guide, guide_seed)
     if init_params is not None:
         guide_init = handlers.substitute(guide_init, init_params)
     guide_trace = handlers.trace(guide_init).get_trace(*args, **kwargs)
     params = {name: site["value"] for name, site in guide_trace.items() if site["type"] == "param"}
+    family = family_of(guide)
+    shared = sorted(set(params) & set(model_params))
+    if shared:
+        raise ValueError(
+            f"param site {shared[0]!r} is declared by both the model and the guide; "
+            "ScoreProximalSVI fits the guide's by proximal steps and the model's by optim, so "
+            "the names must differ: rename the model's numpyro.param site."
+        )
     if init_params is not None:
-        params.update(init_params)
+        unknown = sorted(set(init_params) - set(params) - set(model_params))
+        if unknown:
+            raise ValueError(
+                f"init_params names {unknown}, which are not param sites of the guide or the "
+                f"model (param sites: {sorted(params) + sorted(model_params)}); latent values "
+                "are set through the guide, e.g. AutoNormal(model, "
+                "init_loc_fn=init_to_value(values=...))."
+            )
+        params.update({k: v for k, v in init_params.items() if k in params})
+    param_optim_state = ()
+    if model_params and optim is None:
+        logger.warning(
+            "The model has %d numpyro.param site(s) (%s); they are held fixed at their "
+            "initial values. Pass optim= (e.g. numpyro.optim.Adam(1e-3)) to fit them on the "
+            "ELBO.",
+            len(model_params),
+            ", ".join(sorted(model_params)),
+        )
+    elif optim is not None and not model_params:
+        logger.warning(
+            "optim is given but the model has no numpyro.param site, so it is unused: the "
+            "guide's steps are closed-form (inner_optim= sets the inner steps of full- and "
+            "low-rank guides)."
+        )
+    # Through the unconstrained space and back, as numpyro.infer.SVI holds them (an integer
+    # initial value of a positive site becomes a float).
+    unconstrained = {n: _as_float(model_transforms[n].inv(v)) for n, v in model_params.items()}
+    if optim is not None and model_params:
+        param_optim_state = _as_numpyro_optim(optim, "optim").init(unconstrained)
+    params.update({n: model_transforms[n](u) for n, u in unconstrained.items()})
     # Weak types (Python floats) would change dtype after one step and re-trace jit/scan.
     params = jax.tree.map(lambda x: lax.convert_element_type(x, jnp.result_type(x)), params)
-    family = family_of(guide)
     for name in config.diagonal_only_options():
         if not family.closed_form:
             raise NotImplementedError(
@@ -241,10 +370,18 @@ def init(
     else:
         params = family.break_symmetry(random.fold_in(guide_seed, 1), params, init_params)
         transforms = family.transforms(params)
-        optim = _as_numpyro_optim(config.inner_optim)
-        optim_state = optim.init({n: t.inv(params[n]) for n, t in transforms.items()})
+        inner = _as_numpyro_optim(config.inner_optim)
+        optim_state = inner.init({n: t.inv(params[n]) for n, t in transforms.items()})
     zero = jnp.zeros((), jnp.int32)
-    return ScoreProximalState(params, optim_state, zero, rng_key, average, rule, zero, zero)
+    state = ScoreProximalState(
+        params, optim_state, zero, rng_key, average, rule, zero, zero, param_optim_state
+    )
+    return state, model_transforms
+
+
+def _as_float(tree):
+    """Floating copies of the leaves (an integer initial value cannot be differentiated)."""
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x, float)), tree)
 
 
 def _init_adaptive(family: DiagonalFamily, params: dict, rule: AdaptiveStep) -> AdaptiveState:
@@ -267,28 +404,59 @@ def update(
     config: ScoreProximalConfig,
     state: ScoreProximalState,
     *args,
+    optim: Any = None,
+    forward_mode_differentiation: bool = False,
     **kwargs,
 ) -> tuple[ScoreProximalState, jax.Array]:
     """One proximal step; returns ``(new_state, loss)`` with loss the negative ELBO of q_t.
 
     Diagonal guides follow ``config.step_rule`` (see :mod:`pyro_scorevi.core` for the accepted /
     reverted / rejected cases); ``step`` counts accepted steps and ``num_rejected`` the others.
+    Full- and low-rank guides reject a step whose scores or inner solve are not finite. With
+    ``optim`` (the one given to :func:`init`), each accepted step also takes one optimizer step
+    of the model's param sites on the ELBO gradient of the same particles.
+    ``forward_mode_differentiation`` takes the scores by ``jax.jacfwd`` (as
+    ``numpyro.infer.SVI``: for models reverse mode cannot differentiate, e.g.
+    ``lax.while_loop``).
     """
     rng_key, step_key = random.split(state.rng_key)
     family = family_of(guide)
     average, rule = state.average, state.rule
+    names = sorted(set(state.params) - family.param_names(state.params))
+    learn = optim is not None and bool(jax.tree.leaves(state.param_optim_state))
+    if learn:
+        optim = _as_numpyro_optim(optim, "optim")
+        scorer = _Scorer(
+            model,
+            args,
+            kwargs,
+            None,
+            optim.get_params(state.param_optim_state),
+            forward_mode_differentiation,
+        )
+    else:
+        fixed = {n: state.params[n] for n in names}
+        scorer = _Scorer(model, args, kwargs, fixed, None, forward_mode_differentiation)
     if family.closed_form:
-        params, loss, rule, accepted = _diagonal_step(
-            model, family, config, state, step_key, args, kwargs
+        params, loss, rule, accepted, param_grads = _diagonal_step(
+            scorer, family, config, state, step_key
         )
         optim_state = state.optim_state
         if config.average_after is not None:
             average = _accumulate_average(family, average, params, state.step + 1, config, accepted)
     else:
-        params, optim_state, loss = _multivariate_step(
-            model, family, config, state, step_key, args, kwargs
+        params, optim_state, loss, accepted, param_grads = _multivariate_step(
+            scorer, family, config, state, step_key
         )
-        accepted = jnp.ones((), bool)
+    param_optim_state = state.param_optim_state
+    if learn:
+        # The ELBO's gradient in psi is (1/S) sum_k grad log p(theta_k): minimise its negative.
+        stepped = optim.update(
+            jax.tree.map(jnp.negative, param_grads), param_optim_state, value=loss
+        )
+        ok = accepted & _all_finite(param_grads)
+        param_optim_state = _select(ok, stepped, param_optim_state)
+        params = {**params, **scorer.constrain(optim.get_params(param_optim_state))}
     failed = (~accepted).astype(jnp.int32)
     new_state = ScoreProximalState(
         params,
@@ -299,6 +467,7 @@ def update(
         rule,
         state.num_rejected + failed,
         (state.rejected_in_a_row + failed) * failed,
+        param_optim_state,
     )
     return new_state, loss
 
@@ -327,7 +496,8 @@ def evaluate(
     _, step_key = random.split(state.rng_key)
     particle_key, model_key = random.split(step_key)
     family = family_of(guide)
-    log_joint = make_log_joint(model, args, kwargs, model_key)
+    names = set(state.params) - family.param_names(state.params)
+    log_joint = make_log_joint(model, args, kwargs, model_key, {n: state.params[n] for n in names})
     if family.closed_form:
         locs, scales = family.locs_scales(state.params)
         thetas, _ = _diagonal_particles(particle_key, locs, scales, config)
@@ -353,13 +523,13 @@ def _multivariate_particles(key, posterior, config: ScoreProximalConfig):
     return posterior.loc + eps @ posterior.scale_tril.T
 
 
-def _diagonal_step(model, family: DiagonalFamily, config, state, step_key, args, kwargs):
-    """Returns ``(params, loss, rule_state, accepted)``; the params are always finite."""
+def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_key):
+    """Returns ``(params, loss, rule_state, accepted, param_grads)``; the params are always
+    finite; ``param_grads`` is the ELBO gradient of the learned model params (else ``None``)."""
     particle_key, model_key = random.split(step_key)
     locs, scales = family.locs_scales(state.params)
     thetas, offsets = _diagonal_particles(particle_key, locs, scales, config)
-    log_joint = make_log_joint(model, args, kwargs, model_key)
-    log_p, scores = particle_scores(log_joint, family.to_latents, thetas)
+    log_p, scores, param_grads = scorer(model_key, family.to_latents, thetas)
     loss = -(log_p.mean() + family.entropy(scales))
     dtype = jnp.result_type(*jax.tree.leaves(locs))
     stats = {k: score_statistics(offsets[k], scores[k]) for k in locs}
@@ -376,7 +546,8 @@ def _diagonal_step(model, family: DiagonalFamily, config, state, step_key, args,
         accepted = finite & _all_finite((new_locs, new_scales)) & positive
         new_locs = _select(accepted, new_locs, locs)
         new_scales = _select(accepted, new_scales, scales)
-        return family.with_locs_scales(state.params, new_locs, new_scales), loss, (), accepted
+        params = family.with_locs_scales(state.params, new_locs, new_scales)
+        return params, loss, (), accepted, param_grads
     rule, st = config.step_rule, state.rule
     tolerance = (
         rule.revert_tolerance * jnp.abs(st.backup_loss)
@@ -413,7 +584,7 @@ def _diagonal_step(model, family: DiagonalFamily, config, state, step_key, args,
         ).astype(dtype),
     )
     params = family.with_locs_scales(state.params, out_locs, out_scales)
-    return params, loss, new_rule, accepted
+    return params, loss, new_rule, accepted, param_grads
 
 
 def _all_finite(tree) -> jax.Array:
@@ -424,13 +595,14 @@ def _select(pred, on_true, on_false):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
-def _multivariate_step(model, family: MultivariateFamily, config, state, step_key, args, kwargs):
+def _multivariate_step(scorer: _Scorer, family: MultivariateFamily, config, state, step_key):
+    """Returns ``(params, optim_state, loss, accepted, param_grads)``; a step whose scores or
+    inner solve are not finite keeps :math:`q_t` and the inner optimizer's state."""
     particle_key, model_key = random.split(step_key)
     frozen = family.posterior(state.params)
     loc_t, tril_t = frozen.loc, frozen.scale_tril
     thetas = _multivariate_particles(particle_key, frozen, config)
-    log_joint = make_log_joint(model, args, kwargs, model_key)
-    log_p, scores = particle_scores(log_joint, family.to_latents, thetas)
+    log_p, scores, param_grads = scorer(model_key, family.to_latents, thetas)
     loss = -(log_p.mean() + frozen.entropy())
     weight = jnp.asarray(config.fixed_weights(state.step)[0], loc_t.dtype)
 
@@ -454,7 +626,11 @@ def _multivariate_step(model, family: MultivariateFamily, config, state, step_ke
         return opt_state
 
     opt_state = lax.fori_loop(0, config.num_inner_steps, inner, state.optim_state)
-    return constrain(optim.get_params(opt_state)), opt_state, loss
+    params = constrain(optim.get_params(opt_state))
+    accepted = jnp.isfinite(loss) & _all_finite(scores) & _all_finite(params)
+    params = _select(accepted, params, state.params)
+    opt_state = _select(accepted, opt_state, state.optim_state)
+    return params, opt_state, loss, accepted, param_grads
 
 
 # ------------------------------------------------------------------------------- stateful class
@@ -463,15 +639,38 @@ def _multivariate_step(model, family: MultivariateFamily, config, state, step_ke
 class ScoreProximalSVI:
     """Score-based proximal variational inference with the surface of ``numpyro.infer.SVI``.
 
+    ``ScoreProximalSVI(model, guide, optim, loss, **static_kwargs)`` accepts what
+    ``numpyro.infer.SVI`` is given, with these meanings:
+
     Args:
-        model: a NumPyro model with continuous global latents.
+        model: a NumPyro model with continuous global latents; its own ``numpyro.param``
+            sites :math:`\\psi` (and ``numpyro.module`` networks) are fitted by ``optim``.
         guide: ``AutoNormal`` or ``AutoDiagonalNormal`` (closed-form step), or
             ``AutoMultivariateNormal`` / ``AutoLowRankMultivariateNormal`` (inner steps).
-        **hyperparameters: keyword-only ``num_particles``, ``prox_weight``,
+        optim: optional ``numpyro.optim`` optimizer (or a ``jax.example_libraries`` one, or
+            an optax ``GradientTransformation``) for the model's param sites, stepped once per
+            accepted proximal step on the ELBO gradient
+            :math:`\\frac1S\\sum_k \\nabla_\\psi \\log \\hat p_\\psi(\\theta_k)` in unconstrained
+            space, as ``numpyro.infer.SVI`` steps them. The guide never uses it (its step is
+            closed-form). ``None``: the model's param sites stay at their initial values.
+        loss: optional ELBO (``Trace_ELBO(num_particles=S)`` and the like), which sets
+            :math:`S` = ``loss.num_particles``; nothing differentiates it. ``svi.loss`` is it
+            (default ``Trace_ELBO(num_particles)``), so ``svi.loss.loss(key, params, model,
+            guide, *args)`` is NumPyro's own estimate of the -ELBO that ``update`` reports.
+            ``RenyiELBO`` (another objective) is refused.
+        **hyperparameters: keyword-only ``num_particles``, ``step_rule``, ``prox_weight``,
             ``scale_prox_weight``, ``antithetic``, ``num_alternations``, ``inner_optim``,
             ``num_inner_steps`` and ``average_after``, as in the Pyro
             class; see :class:`ScoreProximalConfig`.
         static_kwargs: constant keyword arguments of the model / guide.
+
+    Attributes:
+        model, guide, optim, loss, static_kwargs: as given (``optim`` wrapped as a
+            ``numpyro.optim`` optimizer, as ``numpyro.infer.SVI`` wraps it).
+        num_particles: :math:`S`.
+        config: the :class:`ScoreProximalConfig`.
+        constrain_fn: after :meth:`init`, maps unconstrained values of the model's param
+            sites (what ``optim`` holds) to constrained ones; ``None`` before.
 
     Example::
 
@@ -502,31 +701,14 @@ class ScoreProximalSVI:
         average_after: int | None = None,
         **static_kwargs,
     ):
+        if not callable(model):
+            raise TypeError(f"model must be a callable NumPyro model (got {type(model).__name__}).")
         check_guide(guide)
-        if optim is not None:
-            raise TypeError(
-                "optim: the NumPyro ScoreProximalSVI has no optimiser for ELBO gradients (its "
-                "guide steps are closed-form); drop it, or pass inner_optim= for the full- "
-                f"and low-rank guides' inner steps (got {type(optim).__name__})."
-            )
-        if loss is not None:
-            from numpyro.infer.elbo import ELBO
-
-            if not isinstance(loss, ELBO):
-                raise TypeError(
-                    "loss must be a numpyro.infer ELBO such as Trace_ELBO(num_particles=2) or "
-                    f"None (got {type(loss).__name__}); it only sets num_particles."
-                )
-            if num_particles is not None and num_particles != loss.num_particles:
-                raise ValueError(
-                    f"num_particles={num_particles} disagrees with loss.num_particles="
-                    f"{loss.num_particles}; pass one of them."
-                )
-            num_particles = loss.num_particles
+        num_particles = _particles_from_loss(loss, num_particles)
         _as_numpyro_optim(inner_optim)  # validate at construction
         self.model = model
         self.guide = guide
-        self.loss = loss
+        self.optim = None if optim is None else _as_numpyro_optim(optim, "optim")
         self.config = ScoreProximalConfig(
             num_particles=defaults.NUM_PARTICLES if num_particles is None else num_particles,
             step_rule=step_rule,
@@ -538,20 +720,19 @@ class ScoreProximalSVI:
             scale_prox_weight=scale_prox_weight,
             average_after=average_after,
         )
+        self.num_particles = self.config.num_particles
+        self.loss = loss if loss is not None else Trace_ELBO(num_particles=self.num_particles)
         self.static_kwargs = static_kwargs
+        self.constrain_fn = None
 
     def init(self, rng_key, *args, init_params=None, **kwargs) -> ScoreProximalState:
-        """The initial :class:`ScoreProximalState` (see :func:`init`)."""
-        return init(
-            self.model,
-            self.guide,
-            self.config,
-            rng_key,
-            *args,
-            init_params=init_params,
-            **kwargs,
-            **self.static_kwargs,
+        """The initial :class:`ScoreProximalState` (see :func:`init`); sets ``constrain_fn``."""
+        kwargs = {**kwargs, **self.static_kwargs}
+        state, transforms = _init(
+            self.model, self.guide, self.config, rng_key, args, kwargs, init_params, self.optim
         )
+        self.constrain_fn = partial(transform_fn, transforms)
+        return state
 
     def get_params(self, state: ScoreProximalState) -> dict:
         """The guide's constrained params, as ``numpyro.infer.SVI.get_params`` returns them."""
@@ -575,19 +756,46 @@ class ScoreProximalSVI:
             dict(state.params), avg_locs, jax.tree.map(jnp.sqrt, avg_sq_scales)
         )
 
-    def update(self, state: ScoreProximalState, *args, **kwargs):
-        """One proximal step; returns ``(state, loss)``, loss the negative ELBO of q_t."""
+    def update(
+        self,
+        state: ScoreProximalState,
+        *args,
+        forward_mode_differentiation: bool = False,
+        **kwargs,
+    ):
+        """One proximal step; returns ``(state, loss)``, loss the negative ELBO of q_t.
+
+        ``forward_mode_differentiation``: take the scores (and the model params' gradient) by
+        ``jax.jacfwd``, as ``numpyro.infer.SVI.update`` does, for models that reverse mode
+        cannot differentiate (``lax.while_loop``); it is not passed to the model.
+        """
         return update(
-            self.model, self.guide, self.config, state, *args, **kwargs, **self.static_kwargs
+            self.model,
+            self.guide,
+            self.config,
+            state,
+            *args,
+            optim=self.optim,
+            forward_mode_differentiation=forward_mode_differentiation,
+            **kwargs,
+            **self.static_kwargs,
         )
 
-    def stable_update(self, state: ScoreProximalState, *args, **kwargs):
+    def stable_update(
+        self,
+        state: ScoreProximalState,
+        *args,
+        forward_mode_differentiation: bool = False,
+        **kwargs,
+    ):
         """Like :meth:`update`, but a step whose loss or new params are not finite keeps the
         params, optimizer state and step count, and reports a NaN loss. The key still
         advances, so a retry draws new particles (as ``numpyro.infer.SVI.stable_update``).
         Under ``AdaptiveStep`` :meth:`update` already keeps the params finite (it reverts or
         rejects), so only the loss is masked."""
-        new_state, loss = self.update(state, *args, **kwargs)
+        new_state, loss = self.update(
+            state, *args, forward_mode_differentiation=forward_mode_differentiation, **kwargs
+        )
         if self.config.adaptive and family_of(self.guide).closed_form:
             return new_state, jnp.where(jnp.isfinite(loss), loss, jnp.nan)
         leaves = [loss] + jax.tree.leaves(new_state.params)
@@ -597,13 +805,24 @@ class ScoreProximalSVI:
             lambda n, o: jnp.where(ok, n, o), new_state.optim_state, state.optim_state
         )
         average = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state.average, state.average)
+        param_optim_state = jax.tree.map(
+            lambda n, o: jnp.where(ok, n, o), new_state.param_optim_state, state.param_optim_state
+        )
         step = jnp.where(ok, new_state.step, state.step)
         loss = jnp.where(ok, loss, jnp.nan)
         failed = (~ok).astype(jnp.int32)
         num_rejected = jnp.where(ok, new_state.num_rejected, state.num_rejected + 1)
         in_a_row = jnp.where(ok, new_state.rejected_in_a_row, state.rejected_in_a_row + failed)
         return ScoreProximalState(
-            params, optim_state, step, new_state.rng_key, average, (), num_rejected, in_a_row
+            params,
+            optim_state,
+            step,
+            new_state.rng_key,
+            average,
+            new_state.rule,
+            num_rejected,
+            in_a_row,
+            param_optim_state,
         ), loss
 
     def evaluate(self, state: ScoreProximalState, *args, **kwargs) -> jax.Array:
@@ -619,6 +838,7 @@ class ScoreProximalSVI:
         *args,
         progress_bar: bool = True,
         stable_update: bool = False,
+        forward_mode_differentiation: bool = False,
         init_state: ScoreProximalState | None = None,
         init_params: dict | None = None,
         **kwargs,
@@ -628,6 +848,7 @@ class ScoreProximalSVI:
         With ``progress_bar`` a jitted step runs in a Python loop under a ``tqdm`` bar;
         without, all steps run in one ``lax.scan``. Both give the same result for one key.
         ``init_state`` continues a previous run (``rng_key`` is then unused).
+        ``forward_mode_differentiation`` is passed to :meth:`update` (not to the model).
         """
         if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
             raise TypeError(f"num_steps must be an int (got {type(num_steps).__name__}).")
@@ -638,7 +859,9 @@ class ScoreProximalSVI:
         step_fn = self.stable_update if stable_update else self.update
 
         def body_fn(state, _):
-            return step_fn(state, *args, **kwargs)
+            return step_fn(
+                state, *args, forward_mode_differentiation=forward_mode_differentiation, **kwargs
+            )
 
         if init_state is None:
             state = self.init(rng_key, *args, init_params=init_params, **kwargs)
