@@ -326,6 +326,20 @@ def _init(model, guide, config, rng_key, args, kwargs, init_params, optim):
                 "init_loc_fn=init_to_value(values=...))."
             )
         params.update({k: v for k, v in init_params.items() if k in params})
+    if family.closed_form and not family.loc_names:
+        # No latent site (AutoNormal of a model with params only): nothing for the proximal
+        # step; each step is an optim step of the params on log p (what SVI does here).
+        if not model_params:
+            raise ValueError(
+                "the model has no latent sample site and no numpyro.param site: there is "
+                "nothing to fit. Check that the latents are not all observed (obs=...)."
+            )
+        if optim is None:
+            raise ValueError(
+                f"the model has no latent sample site, only the param sites "
+                f"{sorted(model_params)}: without optim there is nothing to fit. Pass optim= "
+                "(e.g. numpyro.optim.Adam(1e-2)) to fit them on log p, as numpyro.infer.SVI does."
+            )
     param_optim_state = ()
     if model_params and optim is None:
         logger.warning(
@@ -356,7 +370,9 @@ def _init(model, guide, config, rng_key, args, kwargs, init_params, optim):
                 f"{type(guide).__name__}); leave it None for full- and low-rank guides."
             )
     average, rule = (), ()
-    if family.closed_form:
+    if family.closed_form and not family.loc_names:
+        optim_state = ()
+    elif family.closed_form:
         optim_state = ()
         if config.average_after is not None:
             locs, scales = family.locs_scales(params)
@@ -437,7 +453,10 @@ def update(
     else:
         fixed = {n: state.params[n] for n in names}
         scorer = _Scorer(model, args, kwargs, fixed, None, forward_mode_differentiation)
-    if family.closed_form:
+    if family.closed_form and not family.loc_names:
+        params, loss, accepted, param_grads = _params_only_step(scorer, state, step_key)
+        optim_state = state.optim_state
+    elif family.closed_form:
         params, loss, rule, accepted, param_grads = _diagonal_step(
             scorer, family, config, state, step_key
         )
@@ -498,6 +517,8 @@ def evaluate(
     family = family_of(guide)
     names = set(state.params) - family.param_names(state.params)
     log_joint = make_log_joint(model, args, kwargs, model_key, {n: state.params[n] for n in names})
+    if family.closed_form and not family.loc_names:
+        return -log_joint({})
     if family.closed_form:
         locs, scales = family.locs_scales(state.params)
         thetas, _ = _diagonal_particles(particle_key, locs, scales, config)
@@ -585,6 +606,16 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
     )
     params = family.with_locs_scales(state.params, out_locs, out_scales)
     return params, loss, new_rule, accepted, param_grads
+
+
+def _params_only_step(scorer: _Scorer, state, step_key):
+    """A model with no latent site: the loss is :math:`-\\log \\hat p_\\psi` (one pass; every
+    particle would be the same) and ``param_grads`` its gradient, for ``optim``."""
+    _, model_key = random.split(step_key)
+    log_p, _, param_grads = scorer(model_key, lambda theta: {}, {"_": jnp.zeros((1,))})
+    loss = -log_p.mean()
+    accepted = jnp.isfinite(loss)
+    return dict(state.params), loss, accepted, param_grads
 
 
 def _all_finite(tree) -> jax.Array:
