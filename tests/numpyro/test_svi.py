@@ -416,3 +416,242 @@ def test_import_guards():
     out = _run("import sys; sys.modules['jax'] = None\nimport pyro_scorevi.numpyro")
     assert out.returncode != 0
     assert 'pip install "pyro_scorevi[numpyro]"' in out.stderr
+
+
+# ------------------------------------------------------------- numpyro.infer.SVI's surface
+
+
+def _normal_mean_model(y):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    with numpyro.plate("N", y.shape[0]):
+        numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+Y = 2.0 + random.normal(random.PRNGKey(11), (50,))
+# Conjugate: mu | y ~ N(sum(y) / (N + 1/25), 1 / (N + 1/25)).
+MU_PRECISION = 50 + 1 / 25
+MU_MEAN = float(Y.sum()) / MU_PRECISION
+
+
+def test_svi_constructor_surface():
+    from jax.example_libraries import optimizers
+    from numpyro.infer import Trace_ELBO
+    from numpyro.optim import _NumPyroOptim
+
+    guide = AutoNormal(_normal_mean_model)
+    svi = ScoreProximalSVI(_normal_mean_model, guide)
+    assert svi.optim is None and svi.constrain_fn is None
+    assert isinstance(svi.loss, Trace_ELBO) and svi.loss.num_particles == svi.num_particles == 2
+    # SVI's positional (optim, loss): the loss sets S; optim is wrapped as numpyro.infer.SVI
+    # wraps it (a jax.example_libraries optimizer here).
+    svi = ScoreProximalSVI(
+        _normal_mean_model, guide, optimizers.adam(1e-2), Trace_ELBO(num_particles=4)
+    )
+    assert isinstance(svi.optim, _NumPyroOptim) and svi.num_particles == 4
+    assert svi.config.num_particles == 4
+    state = svi.init(random.PRNGKey(0), Y)
+    assert callable(svi.constrain_fn) and svi.constrain_fn({}) == {}
+    # svi.loss is NumPyro's own -ELBO estimator: it agrees with update's loss on average.
+    params = svi.get_params(state)
+    theirs = Trace_ELBO(num_particles=4000).loss(random.PRNGKey(1), params, svi.model, svi.guide, Y)
+    ours = jnp.mean(
+        jax.vmap(lambda k: svi.evaluate(state._replace(rng_key=k), Y))(
+            random.split(random.PRNGKey(2), 1000)
+        )
+    )
+    # Monte Carlo tier: both estimate -ELBO(q_0); sd of the difference ~0.1% here.
+    np.testing.assert_allclose(ours, theirs, rtol=0.01)
+
+
+def test_svi_constructor_errors():
+    from numpyro.infer import RenyiELBO, Trace_ELBO
+
+    guide = AutoNormal(gaussian_model)
+    with pytest.raises(TypeError, match="optim must be a numpyro.optim optimizer"):
+        ScoreProximalSVI(gaussian_model, guide, "adam")
+    with pytest.raises(TypeError, match="loss must be a numpyro.infer ELBO"):
+        ScoreProximalSVI(gaussian_model, guide, None, "elbo")
+    with pytest.raises(TypeError, match=r"loss=RenyiELBO\(alpha=0\) is another objective"):
+        ScoreProximalSVI(gaussian_model, guide, None, RenyiELBO())
+    with pytest.raises(ValueError, match="num_particles=2 disagrees with loss.num_particles=4"):
+        ScoreProximalSVI(gaussian_model, guide, None, Trace_ELBO(4), num_particles=2)
+
+
+def _while_loop_model(y):
+    # The mean goes through a lax.while_loop with a traced bound, which reverse mode cannot
+    # differentiate (numpyro.infer.SVI needs forward_mode_differentiation=True here too).
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    _, mean = jax.lax.while_loop(
+        lambda c: c[0] < y.shape[0] // 50, lambda c: (c[0] + 1, c[1] + mu), (0, 0.0)
+    )
+    with numpyro.plate("N", y.shape[0]):
+        numpyro.sample("y", dist.Normal(mean, 1.0), obs=y)
+
+
+def test_forward_mode_differentiation():
+    guide = AutoNormal(_while_loop_model, forward_mode_differentiation=True)
+    svi = ScoreProximalSVI(_while_loop_model, guide)
+    with pytest.raises(ValueError, match="Reverse-mode differentiation does not work"):
+        svi.run(random.PRNGKey(0), 2, Y, progress_bar=False)
+    # The flag goes to the scores (jax.jacfwd), not to the model (it takes no such keyword).
+    result = svi.run(
+        random.PRNGKey(0), 1000, Y, progress_bar=False, forward_mode_differentiation=True
+    )
+    # Exact scores of a Gaussian target: the mean-field fixed point is the posterior; the
+    # tolerance is the last iterate's noise (0.1 sd).
+    assert abs(float(result.params["mu_auto_loc"]) - MU_MEAN) * np.sqrt(MU_PRECISION) < 0.1
+    assert abs(float(result.params["mu_auto_scale"]) * np.sqrt(MU_PRECISION) - 1) < 0.1
+
+
+@pytest.mark.parametrize("guide_cls", [AutoNormal, AutoMultivariateNormal])
+def test_forward_mode_equals_reverse_mode(guide_cls):
+    # Identity tier (float32, same maths, other order of operations): jit tolerance.
+    svi = ScoreProximalSVI(_normal_mean_model, guide_cls(_normal_mean_model))
+    state = svi.init(random.PRNGKey(0), Y)
+    rev = jax.jit(svi.update)
+    fwd = jax.jit(lambda s, y: svi.update(s, y, forward_mode_differentiation=True))
+    a, b = state, state
+    for _ in range(5):
+        (a, la), (b, lb) = rev(a, Y), fwd(b, Y)
+        np.testing.assert_allclose(la, lb, rtol=JIT_TOL)
+    for name in a.params:
+        np.testing.assert_allclose(a.params[name], b.params[name], rtol=JIT_TOL, atol=JIT_TOL)
+
+
+# ------------------------------------------------------------------ the model's param sites
+
+
+def _param_model(y):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    sigma = numpyro.param("sigma", 1.0, constraint=numpyro.distributions.constraints.positive)
+    with numpyro.plate("N", y.shape[0]):
+        numpyro.sample("y", dist.Normal(mu, sigma), obs=y)
+
+
+def test_model_params_held_fixed_without_optim(caplog):
+    svi = ScoreProximalSVI(_param_model, AutoNormal(_param_model))
+    with caplog.at_level("WARNING", logger="pyro_scorevi.numpyro.svi"):
+        state = svi.init(random.PRNGKey(0), Y)
+    assert "numpyro.param site(s) (sigma); they are held fixed" in caplog.text
+    assert state.param_optim_state == () and float(state.params["sigma"]) == 1.0
+    result = svi.run(None, 200, Y, progress_bar=False, init_state=state)
+    assert float(result.params["sigma"]) == 1.0
+    # With sigma = 1 the model is _normal_mean_model: its conjugate posterior (0.15 sd: noise).
+    assert abs(float(result.params["mu_auto_loc"]) - MU_MEAN) * np.sqrt(MU_PRECISION) < 0.15
+
+
+def test_model_params_learned_by_optim_only_on_accepted_steps():
+    from numpyro.optim import Adam
+
+    svi = ScoreProximalSVI(_param_model, AutoNormal(_param_model), Adam(0.05))
+    state = svi.init(random.PRNGKey(0), Y)
+    step = jax.jit(svi.update)
+    new_state, _ = step(state, Y)
+    assert float(new_state.params["sigma"]) != 1.0
+    # A step whose scores are not finite moves neither the guide nor the model's params.
+    bad = state._replace(params={**state.params, "mu_auto_loc": jnp.array(jnp.nan)})
+    after, _ = step(bad, Y)
+    assert int(after.num_rejected) == 1 and float(after.params["sigma"]) == 1.0
+    leaves = zip(jax.tree.leaves(after.param_optim_state), jax.tree.leaves(bad.param_optim_state))
+    for a, b in leaves:
+        np.testing.assert_array_equal(a, b)
+
+
+def test_model_with_params_only_matches_svi():
+    # No latent site: each step is an Adam step on -log p, as numpyro.infer.SVI's (which here
+    # optimises the same function of the same params): identical iterates (jit tier).
+    from numpyro.infer import SVI, Trace_ELBO
+    from numpyro.optim import Adam
+
+    def model(y):
+        mu = numpyro.param("mu", 0.0)
+        with numpyro.plate("N", y.shape[0]):
+            numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    ours = ScoreProximalSVI(model, AutoNormal(model), Adam(0.05)).run(
+        random.PRNGKey(0), 300, Y, progress_bar=False
+    )
+    theirs = SVI(model, AutoNormal(model), Adam(0.05), Trace_ELBO()).run(
+        random.PRNGKey(0), 300, Y, progress_bar=False
+    )
+    np.testing.assert_allclose(ours.losses, theirs.losses, rtol=JIT_TOL)
+    np.testing.assert_allclose(ours.params["mu"], theirs.params["mu"], rtol=JIT_TOL)
+    with pytest.raises(ValueError, match=r"only the param sites \['mu'\]: without optim"):
+        ScoreProximalSVI(model, AutoNormal(model)).init(random.PRNGKey(0), Y)
+
+    def empty(y):
+        with numpyro.plate("N", y.shape[0]):
+            numpyro.sample("y", dist.Normal(0.0, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match="no latent sample site and no numpyro.param site"):
+        ScoreProximalSVI(empty, AutoNormal(empty)).init(random.PRNGKey(0), Y)
+
+
+def test_init_params_and_param_names_checked():
+    svi = ScoreProximalSVI(_param_model, AutoNormal(_param_model))
+    state = svi.init(random.PRNGKey(0), Y, init_params={"sigma": 2.0, "mu_auto_loc": 1.5})
+    assert float(state.params["sigma"]) == 2.0 and float(state.params["mu_auto_loc"]) == 1.5
+    with pytest.raises(ValueError, match=r"init_params names \['mu'\], which are not param"):
+        svi.init(random.PRNGKey(0), Y, init_params={"mu": 1.0})
+
+    def clash(y):
+        numpyro.param("mu_auto_loc", 0.0)
+        _normal_mean_model(y)
+
+    with pytest.raises(ValueError, match="'mu_auto_loc' is declared by both the model and"):
+        ScoreProximalSVI(clash, AutoNormal(clash)).init(random.PRNGKey(0), Y)
+
+
+def test_mutable_site_is_refused_with_the_reason():
+    from numpyro.primitives import mutable
+
+    def model():
+        numpyro.sample("x", dist.Normal(0.0, 1.0))
+        mutable("count", {"n": jnp.zeros(())})
+
+    svi = ScoreProximalSVI(model, AutoNormal(model))
+    with pytest.raises(NotImplementedError, match="'count' is a numpyro.mutable site"):
+        svi.init(random.PRNGKey(0))
+
+
+# ----------------------------------------------------------------- rejected and stuck steps
+
+
+def _nan_model(bad):
+    numpyro.sample("x", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    numpyro.factor("f", jnp.where(bad, jnp.nan, 0.0))
+
+
+@pytest.mark.parametrize(
+    "guide_cls, kwargs",
+    [(AutoNormal, {}), (AutoNormal, {"prox_weight": 100.0}), (AutoMultivariateNormal, {})],
+)
+def test_rejected_and_stuck_counts(guide_cls, kwargs):
+    from pyro_scorevi.numpyro.svi import STUCK_AFTER
+
+    svi = ScoreProximalSVI(_nan_model, guide_cls(_nan_model), **kwargs)
+    state = svi.init(random.PRNGKey(0), False)
+    step = jax.jit(svi.update)
+    # Two rejected steps, then an accepted one: the run of rejections resets.
+    for bad, rejected, in_a_row in [(True, 1, 1), (True, 2, 2), (False, 2, 0)]:
+        before = state
+        state, loss = step(state, bad)
+        assert (int(state.num_rejected), int(state.rejected_in_a_row)) == (rejected, in_a_row)
+        assert int(state.step) == (0 if bad else 1)
+        if bad:  # a rejected step leaves the guide where it was, finite
+            for name in state.params:
+                np.testing.assert_array_equal(state.params[name], before.params[name])
+    result = svi.run(None, STUCK_AFTER, True, progress_bar=False, init_state=state)
+    assert result.num_rejected_steps == 2 + STUCK_AFTER and result.stuck
+    assert int(result.state.step) == 1
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in result.params.values())
+    good = svi.run(random.PRNGKey(1), 20, False, progress_bar=False)
+    assert good.num_rejected_steps == 0 and not good.stuck
+
+
+def test_stable_update_counts_rejections():
+    svi = ScoreProximalSVI(_nan_model, AutoMultivariateNormal(_nan_model))
+    state = svi.init(random.PRNGKey(0), False)  # (the guide's set-up needs a finite density)
+    result = svi.run(None, 5, True, progress_bar=False, stable_update=True, init_state=state)
+    assert np.all(np.isnan(np.asarray(result.losses)))
+    assert result.num_rejected_steps == 5 and int(result.state.rejected_in_a_row) == 5
