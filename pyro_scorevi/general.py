@@ -102,12 +102,19 @@ class GeneralFamily:
     def __init__(self, parts, args: tuple, kwargs: dict, model_param_names=()):
         self.parts = list(parts)
         self.model_param_names = set(model_param_names)
-        with torch.no_grad():
-            trace = self._trace({}, args, kwargs)
         self.roots: list[str] = []
         self.deltas: list[str] = []
         self.sites: list[str] = []  # the model's latent sites whose values the guide gives
         self.root_transforms: dict[str, Any] = {}
+        with torch.no_grad():
+            self._classify(self._trace({}, args, kwargs))
+        self.variance: dict[str, float] = {}
+        self.metric: dict[str, torch.Tensor] = {}
+
+    def _classify(self, trace) -> list[str]:
+        """The trace's random roots (recorded, with their bijections); a model whose site names
+        change between calls (a sequential plate's subsample) adds its new names."""
+        roots = []
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
                 continue
@@ -119,15 +126,17 @@ class GeneralFamily:
                     "sites. Marginalise the discrete latent in the model and use a continuous "
                     "guide (e.g. AutoNormal(model)), or fit with pyro.infer.TraceEnum_ELBO."
                 )
-            if not site["infer"].get("is_auxiliary", False):
+            if not site["infer"].get("is_auxiliary", False) and name not in self.sites:
                 self.sites.append(name)
             if _is_delta(fn):
-                self.deltas.append(name)
-            else:
+                if name not in self.deltas:
+                    self.deltas.append(name)
+                continue
+            roots.append(name)
+            if name not in self.root_transforms:
                 self.roots.append(name)
                 self.root_transforms[name] = biject_to(fn.support)
-        self.variance: dict[str, float] = {}
-        self.metric: dict[str, torch.Tensor] = {}
+        return roots
 
     def _describe(self) -> str:
         return ", ".join(
@@ -148,9 +157,9 @@ class GeneralFamily:
         values and the plate indices the guide used."""
         trace = self._trace(dict(subsample or {}), args, kwargs)
         theta = {}
-        for name in self.roots:
-            site = trace.nodes[name]
-            theta[name] = self.root_transforms[name].inv(site["value"]).detach().clone()
+        for name in self._classify(trace):
+            value = trace.nodes[name]["value"]
+            theta[name] = self.root_transforms[name].inv(value).detach().clone()
         used = {
             name: site["value"]
             for name, site in trace.nodes.items()
@@ -169,7 +178,7 @@ class GeneralFamily:
             transform = self.root_transforms[name]
             data[name] = transform(value)
         trace = self._trace(data, args, kwargs)
-        log_q_roots, log_q_deltas, params, names = 0.0, 0.0, [], []
+        log_q_roots, log_q_deltas, params, names, values = 0.0, 0.0, [], [], {}
         for name, site in trace.nodes.items():
             if site["type"] == "param":
                 if name not in self.model_param_names and name not in names:
@@ -178,8 +187,12 @@ class GeneralFamily:
                         params.append(leaf)
                         names.append(name)
                 continue
-            if site["type"] != "sample" or (name not in theta and name not in self.deltas):
+            if site["type"] != "sample" or site_is_subsample(site):
                 continue
+            if name not in theta and (site["is_observed"] or not _is_delta(site["fn"])):
+                continue  # the model's own observed and deterministic sites (messenger guides)
+            if not site["infer"].get("is_auxiliary", False):
+                values[name] = site["value"]
             log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
             term = scale_and_mask(log_p, site["scale"], site["mask"]).sum()
             if name in theta:
@@ -190,7 +203,6 @@ class GeneralFamily:
                 log_det = log_det + (_factor(site, jac) * jac).sum()
             else:
                 log_q_deltas = log_q_deltas + term
-        values = {name: trace.nodes[name]["value"] for name in self.sites}
         return GuideEvaluation(values, log_q_roots, log_q_deltas, log_det, factors, params, names)
 
     def update_metric(self, names: list[str], squares: list[torch.Tensor]) -> None:
@@ -210,7 +222,9 @@ class GeneralFamily:
         """Running per-root variance :math:`w_r` from the spread of the step's particles."""
         if len(thetas) < 2:
             return
-        for name in self.roots:
+        for name in thetas[0]:
+            if not all(name in t and t[name].shape == thetas[0][name].shape for t in thetas):
+                continue
             stack = torch.stack([t[name] for t in thetas])
             if stack.numel() == 0:
                 continue

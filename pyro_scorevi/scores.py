@@ -110,6 +110,8 @@ class LogJoint:
                 _record_subsample(name, site, used_subsample, seen)
             elif not site["is_observed"]:
                 raise _missing_site_error(name, site, sorted(known))
+            elif constrained and name in constrained:
+                _check_shape(name, site)
         # As Trace.log_prob_sum, without its per-site NaN/Inf warnings: the step checks the
         # finiteness of what it uses once, and rejects the step if needed.
         log_joint = 0.0
@@ -182,6 +184,17 @@ def _record_subsample(name: str, site, used: dict, seen: dict) -> None:
     if size is None or full is None or size >= full:
         return  # the whole plate: nothing to replay (and nothing to disagree on later)
     used[name] = value
+
+
+def _check_shape(name: str, site) -> None:
+    """A guide value must have the model site's shape (as ``Trace_ELBO`` checks)."""
+    expected = site["fn"].shape()
+    if tuple(site["value"].shape) != tuple(expected):
+        raise ValueError(
+            f"Model and guide shapes disagree at site {name!r}: the model's distribution has "
+            f"shape {tuple(expected)} (batch + event), the guide's value "
+            f"{tuple(site['value'].shape)}. Fix the guide's distribution at that site."
+        )
 
 
 def _missing_site_error(name: str, site, known: list[str]) -> Exception:

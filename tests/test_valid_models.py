@@ -9,8 +9,8 @@ against the exact answer where one exists: the mean-field optimum of a Gaussian 
 
 Tolerances (Monte Carlo tier): ``ScoreProximalSVI`` means within 0.25 posterior sd and sds within
 15% of the exact values after a few hundred steps (its AdaptiveStep rates fall like 1/t);
-``Trace_ELBO`` + Adam (lr 0.05, same steps) within 0.6 sd and 35% (a fixed learning rate keeps
-it noisy). Each pattern test runs in a few seconds.
+``Trace_ELBO`` + Adam (same steps, the rate decaying to 2% of its start) within 0.6 sd and 35%.
+Each pattern test runs in a few seconds.
 """
 
 from __future__ import annotations
@@ -37,12 +37,13 @@ from pyro.infer.autoguide import (
     AutoNormalMessenger,
     AutoStructured,
 )
+from pyro.infer.reparam import LatentStableReparam, LocScaleReparam
 from pyro.nn import PyroModule, PyroSample
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import constraints
 
-from pyro_scorevi import ScoreProximalSVI
+from pyro_scorevi import PolynomialGrowth, ScoreProximalSVI
 
 ALL_GUIDES = [AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal, AutoLowRankMultivariateNormal]
 CLOSED_FORM = [AutoNormal, AutoNormalMessenger]
@@ -84,18 +85,23 @@ def assert_error(model, guide, *args, error=Exception, match=None, **svi_kwargs)
 
 def fit(model, make_guide, *args, engine="score", steps=300, lr=0.05, svi_kwargs=None, **kwargs):
     """Fits ``make_guide(model)`` by ``engine`` ("score": ``ScoreProximalSVI``, "elbo": ``SVI``
-    + ``Trace_ELBO`` + Adam(lr)); every loss must be finite. Returns ``(guide, svi, losses)``."""
+    + ``Trace_ELBO`` + Adam from ``lr``, decaying); the losses of the second half must be finite.
+    Returns ``(guide, svi, losses)``."""
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     guide = make_guide(model)
     if engine == "score":
         svi = ScoreProximalSVI(model, guide, **(svi_kwargs or {}))
-    else:
-        svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO())
+    else:  # Adam decaying to 2% of lr by the last step: the fixed-rate noise floor goes
+        optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.02 ** (1 / steps)})
+        svi = SVI(model, guide, optim, Trace_ELBO())
     losses = [svi.step(*args, **kwargs) for _ in range(steps)]
-    assert all(math.isfinite(loss) for loss in losses[steps // 2 :]), losses[-10:]
-    if engine == "score":
+    bad = sum(not math.isfinite(loss) for loss in losses[steps // 2 :])
+    if engine == "score":  # a non-finite loss is a rejected step: counted, never written
         assert svi.num_rejected_steps <= 0.05 * steps, svi.num_rejected_steps
+        assert bad <= svi.num_rejected_steps
+    else:
+        assert bad == 0, losses[-10:]
     return guide, svi, losses
 
 
@@ -538,7 +544,6 @@ def test_reparametrised_guide_auto_structured(engine):
         *args,
         engine=engine,
         steps=300,
-        lr=0.02,
         svi_kwargs=svi_kwargs,
     )
     moments = sample_moments(guide, *args)
@@ -625,5 +630,659 @@ def test_not_a_guide_is_a_type_error():
 
 
 def test_messenger_guide_with_upstream_dependence_runs():
-    args, _ = _two_normals_data()
-    assert_ok(_two_normals, AutoHierarchicalNormalMessenger(_two_normals), *args)
+    # q(b | a) has a mean that depends on the value drawn for a: the general path evaluates the
+    # guide at each particle's upstream values.
+    def model(y):
+        a = pyro.sample("a", dist.Normal(1.0, 10.0))
+        b = pyro.sample("b", dist.Normal(a, 1.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("obs", dist.Normal(b, 1.0), obs=y)
+
+    assert_ok(model, AutoHierarchicalNormalMessenger(model), torch.randn(10) + 2.0)
+
+
+# ---------------------------------------------------------------------------- Pyro's patterns
+# Each of Pyro's tests/infer/test_valid_models.py patterns that a continuous guide can fit, with
+# both engines ("score": ScoreProximalSVI, "elbo": SVI + Trace_ELBO), checked against the exact
+# answer where there is one.
+
+_Y = 1.0 + torch.randn(12, generator=torch.Generator().manual_seed(1))
+
+
+def _conjugate(y, weights=None, prior_sd=10.0):
+    """Exact posterior ``(mean, sd)`` of ``loc ~ N(0, prior_sd^2)``, ``y_i ~ N(loc, 1)`` with
+    each term of the likelihood scaled by ``weights`` (masks and ``poutine.scale``)."""
+    weights = torch.ones_like(y) if weights is None else torch.as_tensor(weights).expand_as(y)
+    precision = prior_sd**-2 + float(weights.sum())
+    return float((weights * y).sum()) / precision, precision**-0.5
+
+
+def _check_loc(guide, engine, mean, sd, name="loc", **tol):
+    assert_close_fit(*normal_params(guide, name), mean, sd, engine, **tol)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_variable_clash_is_an_error(engine):
+    def model():
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+
+    with pytest.raises((RuntimeError, ValueError), match="Multiple sample sites named"):
+        fit(model, AutoNormal, engine=engine, steps=1)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_model_guide_shape_mismatch_is_an_error(engine):
+    def model():
+        pyro.sample("x", dist.Normal(torch.zeros(1, 2), 1.0).to_event(2))
+
+    def guide():
+        loc = pyro.param("loc", torch.zeros(2, 1))
+        pyro.sample("x", dist.Normal(loc, 1.0).to_event(2))
+
+    with pytest.raises((RuntimeError, ValueError), match="shape"):
+        fit(model, lambda m: guide, engine=engine, steps=1)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_sequential_plate_with_a_hand_written_guide(engine):
+    # Autoguides refuse sequential plates (as in Pyro); a hand-written guide fits one, with the
+    # guide's subsample replayed in the model.
+    y = torch.tensor([0.5, -1.0, 2.0, 1.0])
+
+    def model():
+        for i in pyro.plate("seq", 4, subsample_size=2):
+            x = pyro.sample(f"x_{i}", dist.Normal(0.0, 1.0))
+            pyro.sample(f"y_{i}", dist.Normal(x, 1.0), obs=y[i])
+
+    def guide():
+        for i in pyro.plate("seq", 4, subsample_size=2):
+            loc = pyro.param(f"loc_{i}", torch.tensor(0.0))
+            scale = pyro.param(f"scale_{i}", torch.tensor(1.0), constraint=constraints.positive)
+            pyro.sample(f"x_{i}", dist.Normal(loc, scale))
+
+    svi_kwargs = {"inner_optim": pyro.optim.Adam({"lr": 0.05})}
+    fit(model, lambda m: guide, engine=engine, steps=250, svi_kwargs=svi_kwargs)
+    for i in range(4):  # x_i | y_i ~ N(y_i / 2, 1/2)
+        loc, scale = pyro.param(f"loc_{i}").detach(), pyro.param(f"scale_{i}").detach()
+        assert_close_fit(
+            loc, scale, y[i] / 2, 0.5**0.5, engine, sd_tol=0.3 if engine == "score" else 0.5
+        )
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_plate_stack(engine):
+    y = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+
+    def model():
+        with pyro.plate_stack("stack", (3, 4)):
+            x = pyro.sample("x", dist.Normal(0.0, 1.0))
+            pyro.sample("obs", dist.Normal(x, 1.0), obs=y)
+
+    guide, _, _ = fit(model, AutoNormal, engine=engine, steps=300)
+    _check_loc(guide, engine, y / 2, torch.full_like(y, 0.5**0.5), name="x")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_plate_reuse_and_nested_subsampled_plates(engine):
+    # Pyro's test_plate_reuse_ok with continuous local latents: plates reused as objects, dims
+    # -1 and -2, both subsampled; each latent has its own datum, so each posterior is
+    # N(y/2, 1/2) whatever the mini-batch.
+    gen = torch.Generator().manual_seed(0)
+    data = {"x": torch.randn(10, generator=gen), "y": torch.randn(11, 1, generator=gen)}
+    data["z"] = torch.randn(11, 10, generator=gen)
+
+    def model():
+        outer = pyro.plate("outer", 10, 5, dim=-1)
+        inner = pyro.plate("inner", 11, 6, dim=-2)
+        with outer as i:
+            x = pyro.sample("x", dist.Normal(0.0, 1.0))
+            pyro.sample("x_obs", dist.Normal(x, 1.0), obs=data["x"][i])
+        with inner as j:
+            y = pyro.sample("y", dist.Normal(0.0, 1.0))
+            pyro.sample("y_obs", dist.Normal(y, 1.0), obs=data["y"][j])
+        with outer as i, inner as j:
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("z_obs", dist.Normal(z, 1.0), obs=data["z"][j][:, i])
+
+    guide, _, _ = fit(model, AutoNormal, engine=engine, steps=400)
+    for name, y in data.items():
+        loc, scale = normal_params(guide, name)
+        assert loc.shape == y.shape
+        if engine == "score":
+            assert_close_fit(loc, scale, y / 2, torch.full_like(y, 0.5**0.5), engine)
+        else:  # each row visited in about half the steps, at a fixed learning rate
+            z = float(((loc - y / 2) / 0.5**0.5).square().mean().sqrt())
+            assert z < 0.5, (name, z)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_dim_allocation(engine):
+    # Pyro's test_dim_allocation_ok: an explicit dim=-3 and automatically allocated inner dims.
+    def model():
+        with pyro.plate("a", 5, dim=-3):
+            x = pyro.sample("x", dist.Normal(0.0, 1.0))
+            with pyro.plate("b", 6):
+                y = pyro.sample("y", dist.Normal(x, 1.0))
+                with pyro.plate("c", 7):
+                    pyro.sample("obs", dist.Normal(y, 1.0), obs=torch.ones(7, 6))
+        assert x.shape == (5, 1, 1) and y.shape == (5, 1, 6)
+
+    guide, _, _ = fit(model, AutoNormal, engine=engine, steps=200)
+    assert normal_params(guide, "y")[0].shape == (5, 1, 6)
+
+
+def _beta_broadcast_model():
+    data = torch.ones(1000, 2)
+
+    def model():
+        with pyro.plate("num_particles", 10, dim=-3):
+            with pyro.plate("components", 2, dim=-1):
+                p = pyro.sample("p", dist.Beta(torch.tensor(1.1), torch.tensor(1.1)))
+                assert p.shape == torch.Size((10, 1, 2))
+            with pyro.plate("data", data.shape[0], dim=-2):
+                pyro.sample("obs", dist.Bernoulli(p), obs=data)
+
+    # Each of the 20 p's posterior is Beta(1001.1, 1.1): log evidence per coordinate.
+    log_z = 20 * float(
+        torch.lgamma(torch.tensor(1001.1))
+        + torch.lgamma(torch.tensor(1.1))
+        - torch.lgamma(torch.tensor(1002.2))
+        - 2 * torch.lgamma(torch.tensor(1.1))
+        + torch.lgamma(torch.tensor(2.2))
+    )
+    return model, log_z
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_plate_shape_broadcasting_beta(engine):
+    # Pyro's test_plate_shape_broadcasting (plates at dims -3, -1, -2). The posterior is
+    # Beta(1001.1, 1.1) per coordinate; a logit-normal guide gets within a few hundredths of a
+    # nat of its evidence per coordinate. Measured -ELBO after 500 steps: ScoreProximalSVI
+    # within 2 nats of -log Z (151 vs 149.5); Trace_ELBO + Adam(0.05) is slow here (the logits
+    # must travel to ~7 and the scales shrink by 10): about 260 at 500 steps, still falling.
+    model, log_z = _beta_broadcast_model()
+    guide, svi, _ = fit(model, AutoNormal, engine=engine, steps=500)
+    pyro.set_rng_seed(2)
+    with torch.no_grad():
+        loss = sum(Trace_ELBO().loss(model, guide) for _ in range(50)) / 50
+    assert loss > -log_z - 0.5  # the ELBO bounds the evidence (up to Monte Carlo error)
+    if engine == "score":
+        assert loss < -log_z + 3.0
+        samples = guide.median()["p"]
+        assert float((samples - 1001.1 / 1002.2).abs().max()) < 0.002
+    else:
+        assert loss < -log_z + 400.0
+
+
+_PRIOR_ONLY = (
+    "AdaptiveStep caps a scale's rate at half its mean's; a latent whose mean starts at its "
+    "optimum (the prior mean 0, all data masked) has antithetic mean steps of exactly 0, so "
+    "its mean rate and hence its scale never move (scale stays 0.1, the prior's is 10)"
+)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        True,
+        False,
+        torch.tensor(True),
+        torch.tensor([True, False] * 6),
+    ],
+    ids=["True", "False", "tensor_True", "tensor_half"],
+)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_mask(engine, mask, request):
+    if engine == "score" and mask is False:
+        request.applymarker(pytest.mark.xfail(reason=_PRIOR_ONLY, strict=True))
+
+    def model():
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(_Y)), poutine.mask(mask=mask):
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=_Y)
+
+    # lr 0.2: Trace_ELBO's scale must grow from 0.1 to the prior's 10 when all is masked.
+    guide, _, _ = fit(model, AutoNormal, engine=engine, steps=300, lr=0.2)
+    weights = torch.as_tensor(mask, dtype=torch.float)
+    _check_loc(guide, engine, *_conjugate(_Y, weights))
+
+
+@pytest.mark.parametrize("scale", [0.1, torch.tensor(0.5), torch.linspace(0.1, 0.9, 12)])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_poutine_scale(engine, scale):
+    def model():
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(_Y)), poutine.scale(scale=scale):
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=_Y)
+
+    guide, _, _ = fit(model, AutoNormal, engine=engine, steps=300, lr=0.1)
+    _check_loc(guide, engine, *_conjugate(_Y, scale))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_factor_and_deterministic(engine):
+    # pyro.factor adds -loc^2 (a N(0, 1/2) term); pyro.deterministic records 2 * loc.
+    def model():
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+        pyro.factor("shrink", -loc.square())
+        pyro.deterministic("double", 2 * loc)
+        with pyro.plate("data", len(_Y)):
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=_Y)
+
+    guide, _, _ = fit(model, AutoNormal, engine=engine, steps=300, lr=0.1)
+    precision = 0.01 + 2.0 + len(_Y)
+    _check_loc(guide, engine, float(_Y.sum()) / precision, precision**-0.5)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_markov_chain(engine):
+    # A Gaussian random walk under pyro.markov: x_t ~ N(x_{t-1}, 1), y_t ~ N(x_t, 1).
+    y = torch.cumsum(torch.randn(6, generator=torch.Generator().manual_seed(0)), 0)
+
+    def model():
+        x = torch.tensor(0.0)
+        for t in pyro.markov(range(len(y))):
+            x = pyro.sample(f"x_{t}", dist.Normal(x, 1.0))
+            pyro.sample(f"y_{t}", dist.Normal(x, 1.0), obs=y[t])
+
+    guide, _, _ = fit(model, AutoNormal, engine=engine, steps=400, lr=0.1)
+    n = len(y)
+    precision = torch.diag(torch.full((n,), 3.0)) - torch.diag(torch.ones(n - 1), 1)
+    precision = precision - torch.diag(torch.ones(n - 1), -1)
+    precision[-1, -1] = 2.0
+    mean, sd = gaussian_mean_field(precision, y)
+    locs, scales = zip(*(normal_params(guide, f"x_{t}") for t in range(n)))
+    assert_close_fit(torch.stack(locs), torch.stack(scales), mean, sd, engine)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_obs_mask_univariate(engine):
+    # Missing entries become the latent "y_unobserved"; its observed entries are flat (no
+    # prior, no likelihood: masked out) and must stay finite, not drift.
+    mask = torch.ones(12, dtype=torch.bool)
+    mask[:3] = False
+
+    def model():
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", 12):
+            pyro.sample("y", dist.Normal(loc, 1.0), obs=_Y, obs_mask=mask)
+
+    guide, _, _ = fit(model, AutoNormal, engine=engine, steps=400, lr=0.1)
+    # Mean field: loc given the 3 missing values (each N(loc, 1)) and the 9 observed ones.
+    n_obs, n_mis = int(mask.sum()), int((~mask).sum())
+    precision = torch.zeros(1 + n_mis, 1 + n_mis)
+    precision[0, 0] = 0.01 + n_obs + n_mis
+    precision[0, 1:] = precision[1:, 0] = -1.0
+    precision[1:, 1:] = torch.eye(n_mis)
+    shift = torch.zeros(1 + n_mis)
+    shift[0] = _Y[mask].sum()
+    mean, sd = gaussian_mean_field(precision, shift)
+    loc, scale = normal_params(guide, "loc")
+    assert_close_fit(loc, scale, mean[:1], sd[:1], engine)
+    y_loc, y_scale = normal_params(guide, "y_unobserved")
+    assert_close_fit(y_loc[~mask], y_scale[~mask], mean[1:], sd[1:], engine)
+    assert bool(torch.isfinite(y_scale).all()) and float(y_scale.max()) < 100.0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_obs_mask_multivariate(engine):
+    # A bivariate normal with a known covariance, rows partially missing.
+    cov = torch.tensor([[1.0, 0.6], [0.6, 1.0]])
+    y = torch.randn(8, 2, generator=torch.Generator().manual_seed(3)) + torch.tensor([1.0, -1.0])
+    mask = torch.tensor([True, True, False, True, True, True, False, True])
+
+    def model():
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0).expand([2]).to_event(1))
+        with pyro.plate("data", 8):
+            pyro.sample("y", dist.MultivariateNormal(loc, cov), obs=y, obs_mask=mask)
+
+    guide, _, _ = fit(model, AutoNormal, engine=engine, steps=500, lr=0.1)
+    # Mean field over (loc, the two missing rows): precision blocks of the joint Gaussian.
+    inv = torch.linalg.inv(cov)
+    n_obs, n_mis = int(mask.sum()), int((~mask).sum())
+    d = 2 + 2 * n_mis
+    precision = torch.zeros(d, d)
+    precision[:2, :2] = torch.eye(2) * 0.01 + (n_obs + n_mis) * inv
+    shift = torch.zeros(d)
+    shift[:2] = inv @ y[mask].sum(0)
+    for k in range(n_mis):
+        block = slice(2 + 2 * k, 4 + 2 * k)
+        precision[block, block] = inv
+        precision[:2, block] = precision[block, :2] = -inv
+    mean, sd = gaussian_mean_field(precision, shift)
+    loc, scale = normal_params(guide, "loc")
+    assert_close_fit(loc, scale, mean[:2], sd[:2], engine)
+    y_loc, y_scale = normal_params(guide, "y_unobserved")
+    assert_close_fit(y_loc[~mask], y_scale[~mask], mean[2:], sd[2:], engine)
+
+
+def test_obs_mask_flat_entries_stay_bounded_in_a_long_run():
+    # The observed entries of "y_unobserved" are flat: exact zero scores. The closed-form step
+    # leaves them where they are (Trace_ELBO's scale there drifts, log-linearly); every step is
+    # accepted and the scale stays finite.
+    mask = torch.ones(12, dtype=torch.bool)
+    mask[:3] = False
+
+    def model():
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", 12):
+            pyro.sample("y", dist.Normal(loc, 1.0), obs=_Y, obs_mask=mask)
+
+    guide, svi, _ = fit(model, AutoNormal, steps=1500)
+    assert svi.num_rejected_steps <= 3
+    _, y_scale = normal_params(guide, "y_unobserved")
+    assert float(y_scale[mask].max()) < 1.0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_keyword_arguments_and_pyro_subsample(engine):
+    # The mini-batch size is a keyword argument; the data are subsampled with pyro.subsample.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 2, generator=gen)
+    y = x @ torch.tensor([1.0, -1.0]) + 0.5 * torch.randn(400, generator=gen)
+
+    def model(x, y, batch_size=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        with pyro.plate("data", len(x), subsample_size=batch_size):
+            xb, yb = pyro.subsample(x, event_dim=1), pyro.subsample(y, event_dim=0)
+            pyro.sample("obs", dist.Normal(xb @ w, 0.5), obs=yb)
+
+    guide, _, _ = fit(model, AutoNormal, x, engine=engine, steps=600, y=y, batch_size=40)
+    mean, sd = gaussian_mean_field(x.T @ x / 0.25 + torch.eye(2), x.T @ y / 0.25)
+    # N/B = 10: the mini-batch noise of the means is ~0.5 sd for either engine at this budget.
+    tol = (
+        {"mean_tol": 1.0, "sd_tol": 0.35} if engine == "score" else {"mean_tol": 2.0, "sd_tol": 1.5}
+    )
+    assert_close_fit(*normal_params(guide, "w"), mean, sd, engine, **tol)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_loc_scale_reparam(engine):
+    # A non-centred latent (LocScaleReparam): the guide fits "loc_decentered"; the posterior
+    # of loc is still the conjugate one.
+    @poutine.reparam(config={"loc": LocScaleReparam(centered=0.0)})
+    def model():
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(_Y)):
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=_Y)
+
+    guide, _, _ = fit(model, AutoNormal, engine=engine, steps=300, lr=0.1)
+    mean, sd = _conjugate(_Y)
+    loc, scale = normal_params(guide, "loc_decentered")  # loc = 10 * loc_decentered
+    assert_close_fit(10 * loc, 10 * scale, mean, sd, engine)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_init_scale_tiny(engine):
+    # AutoNormal(init_scale=1e-4): the scales must grow by a factor of hundreds.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 2, generator=gen)
+    y = x @ torch.tensor([1.0, -2.0]) + 0.5 * torch.randn(50, generator=gen)
+
+    def model():
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        with pyro.plate("data", 50):
+            pyro.sample("obs", dist.Normal(x @ w, 0.5), obs=y)
+
+    guide, _, _ = fit(
+        model, lambda m: AutoNormal(m, init_scale=1e-4), engine=engine, steps=400, lr=0.1
+    )
+    mean, sd = gaussian_mean_field(x.T @ x / 0.25 + torch.eye(2), x.T @ y / 0.25)
+    tol = {} if engine == "score" else {"sd_tol": 0.6}
+    assert_close_fit(*normal_params(guide, "w"), mean, sd, engine, **tol)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_latent_stable_reparam(engine):
+    # Pyro's test_reparam_stable. The -ELBO of this model is heavy-tailed (|z| near 0 makes the
+    # Poisson likelihood of x = 1 vanish): a few draws have non-finite scores, which the step
+    # rejects. Measured over 4000 draws after 4000 steps: ScoreProximalSVI's guide -ELBO
+    # 3.50 +- 0.07; Trace_ELBO's 3e4 +- 2e4 (its median is about 3: a rare draw dominates).
+    @poutine.reparam(config={"z": LatentStableReparam()})
+    def model():
+        stability = pyro.sample("stability", dist.Uniform(0.0, 2.0))
+        skew = pyro.sample("skew", dist.Uniform(-1.0, 1.0))
+        z = pyro.sample("z", dist.Stable(stability, skew))
+        pyro.sample("x", dist.Poisson(z.abs()), obs=torch.tensor(1.0))
+
+    guide, _, _ = fit(model, AutoNormal, engine=engine, steps=300, lr=0.02)
+    pyro.set_rng_seed(5)
+    with torch.no_grad():
+        losses = torch.tensor([Trace_ELBO().loss(model, guide) for _ in range(200)])
+    assert bool(torch.isfinite(losses).all())
+    if engine == "score":
+        assert float(losses.mean()) < 10.0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_ordered_logistic(engine):
+    # An ordinal regression with ordered cut points; no closed form: the two engines agree.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, generator=gen)
+    pyro.set_rng_seed(0)
+    y = dist.OrderedLogistic(1.5 * x, torch.tensor([-1.0, 0.5, 2.0])).sample()
+
+    def model():
+        beta = pyro.sample("beta", dist.Normal(0.0, 5.0))
+        cut = pyro.sample(
+            "cut",
+            dist.TransformedDistribution(
+                dist.Normal(0.0, 5.0).expand([3]).to_event(1), dist.transforms.OrderedTransform()
+            ),
+        )
+        with pyro.plate("data", 300):
+            pyro.sample("y", dist.OrderedLogistic(beta * x, cut), obs=y)
+
+    guide, _, _ = fit(model, AutoNormal, engine=engine, steps=600, lr=0.05)
+    median = guide.median()
+    # Reference: ScoreProximalSVI and Trace_ELBO (both 1000 steps) give beta 1.44-1.45 with sd
+    # 0.12-0.13 and cut points (-1.0, 0.49-0.54, 2.08-2.09) with sds 0.07-0.11.
+    assert abs(float(median["beta"]) - 1.445) < 0.25
+    assert float((median["cut"] - torch.tensor([-1.0, 0.51, 2.085])).abs().max()) < 0.25
+
+
+def _mixture_data():
+    gen = torch.Generator().manual_seed(0)
+    return torch.cat([torch.randn(60, generator=gen) - 3, torch.randn(60, generator=gen) + 3])
+
+
+def test_pattern_discrete_latent_error_does_not_advise_blocking():
+    # An explicit discrete assignment cannot be scored. The error names the site and says to
+    # marginalise it: hiding it with poutine.block would draw it from its prior at every
+    # evaluation, which puts both components of a mixture at the same place.
+    data = _mixture_data()
+
+    def model(data):
+        locs = pyro.sample("locs", dist.Normal(0.0, 10.0).expand([2]).to_event(1))
+        with pyro.plate("data", len(data)):
+            z = pyro.sample("z", dist.Categorical(torch.ones(2) / 2))
+            pyro.sample("obs", dist.Normal(locs[z], 1.0), obs=data)
+
+    for guide in (AutoNormal(model), AutoNormal(poutine.block(model, hide=["z"]))):
+        with pytest.raises(NotImplementedError, match="'z'.*Marginalise") as info:
+            ScoreProximalSVI(model, guide).step(data)
+        assert "guide = AutoNormal(poutine.block" not in str(info.value)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_marginalised_mixture(engine):
+    # The fix the error names: the mixture with its assignment summed out.
+    data = _mixture_data()
+
+    def model(data):
+        locs = pyro.sample("locs", dist.Normal(0.0, 10.0).expand([2]).to_event(1))
+        mix = dist.MixtureSameFamily(
+            dist.Categorical(torch.ones(2) / 2), dist.Normal(locs, torch.ones(2))
+        )
+        with pyro.plate("data", len(data)):
+            pyro.sample("obs", mix, obs=data)
+
+    init = pyro.infer.autoguide.init_to_value(values={"locs": torch.tensor([-1.0, 1.0])})
+    guide, _, _ = fit(
+        model, lambda m: AutoNormal(m, init_loc_fn=init), data, engine=engine, steps=400
+    )
+    locs = normal_params(guide, "locs")[0]
+    # Each component near its cluster's mean (posterior sd ~0.13).
+    assert abs(float(locs[0]) - float(data[:60].mean())) < 0.3
+    assert abs(float(locs[1]) - float(data[60:].mean())) < 0.3
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_plate_size_changes_between_steps(engine):
+    # The plate "data" is declared with a different subsample size at every other step (as
+    # with a last, smaller mini-batch): each step scales its own batch by its own N/B, and
+    # nothing of one step's plate is carried into the next. (Pyro allows one plate of a name
+    # per trace: two of one name in a model raise "Multiple sample sites named" in both
+    # engines.)
+    def model(y, batch):
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(y), subsample_size=batch) as idx:
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=y[idx])
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoNormal(model)
+    if engine == "score":
+        svi = ScoreProximalSVI(model, guide)
+    else:
+        svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 0.1, "lrd": 0.99}), Trace_ELBO())
+    for t in range(400):
+        assert math.isfinite(svi.step(_Y, 4 if t % 2 else 6))
+    # N/B = 2 or 3: mini-batch noise, so twice the usual mean tolerance.
+    _check_loc(guide, engine, *_conjugate(_Y), mean_tol=0.5 if engine == "score" else 1.2)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_dirichlet_likelihood_in_a_masked_scaled_plate(engine):
+    # Pyro's test_reparam_mask_plate_ok / test_reparam_scale_plate_ok: a positive vector latent,
+    # a Dirichlet likelihood under a mask and a scale.
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randn(2, 3, generator=gen).exp()
+    data = data / data.sum(-1, keepdim=True)
+
+    def model():
+        c = pyro.sample("c", dist.LogNormal(0.0, 1.0).expand([3]).to_event(1))
+        with pyro.plate("data", len(data)), poutine.mask(mask=torch.tensor([False, True])):
+            with poutine.scale(scale=torch.tensor([0.1, 0.9])):
+                pyro.sample("obs", dist.Dirichlet(c), obs=data)
+
+    guide, _, _ = fit(model, AutoNormal, engine=engine, steps=300)
+    assert bool(torch.isfinite(normal_params(guide, "c")[1]).all())
+
+
+@pytest.mark.parametrize("has_rsample", [False, True])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pattern_hand_written_guide_with_or_without_rsample(engine, has_rsample):
+    # Pyro's test_set_has_rsample_ok: a model with sparse gradients (a clamp). The score path
+    # never differentiates through the guide's sampling, so has_rsample makes no difference.
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        loc = (z * 100).clamp(min=0, max=1)
+        pyro.sample("x", dist.Normal(loc, 1.0), obs=torch.tensor(0.0))
+
+    def guide():
+        loc = pyro.param("loc", torch.tensor(0.0))
+        pyro.sample("z", dist.Normal(loc, 1.0).has_rsample_(has_rsample))
+
+    fit(model, lambda m: guide, engine=engine, steps=20)
+    assert math.isfinite(pyro.param("loc").item())
+
+
+# ---------------------------------------------------------------------------- invalid structures
+
+
+@pytest.mark.parametrize("Guide", ALL_GUIDES)
+def test_discrete_latent_is_an_error_naming_the_site(Guide):
+    def model():
+        p = pyro.sample("p", dist.Beta(1.0, 1.0))
+        coin = pyro.sample("coin", dist.Bernoulli(p))
+        pyro.sample("obs", dist.Normal(coin, 1.0), obs=torch.tensor(0.0))
+
+    assert_error(model, Guide(model), error=(ValueError, NotImplementedError), match="'coin'")
+
+
+@pytest.mark.parametrize("Guide", ALL_GUIDES)
+def test_model_changed_after_guide_was_built(Guide):
+    extra = {"site": False}
+
+    def model():
+        pyro.sample("a", dist.Normal(0.0, 1.0))
+        if extra["site"]:
+            pyro.sample("b_new", dist.Normal(0.0, 1.0))
+
+    guide = Guide(model)
+    svi = ScoreProximalSVI(model, guide)
+    svi.step()
+    extra["site"] = True
+    with pytest.raises(ValueError, match="'b_new'"):
+        svi.step()
+
+
+def _simple_model():
+    pyro.sample("x", dist.Normal(1.0, 2.0))  # not centred at the guide's initial loc 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"num_particles": 0}, ValueError, "num_particles"),
+        ({"num_particles": -1}, ValueError, "num_particles"),
+        ({"num_particles": 1.5}, TypeError, "num_particles"),
+        ({"num_particles": True}, TypeError, "num_particles"),
+        ({"prox_weight": 0}, ValueError, "prox_weight"),
+        ({"prox_weight": -1}, ValueError, "prox_weight"),
+        ({"prox_weight": float("nan")}, ValueError, "prox_weight"),
+        ({"prox_weight": "a"}, TypeError, "prox_weight"),
+        ({"prox_weight": True}, TypeError, "prox_weight"),
+        ({"scale_prox_weight": 0}, ValueError, "scale_prox_weight > 0"),
+        ({"scale_prox_weight": float("nan")}, ValueError, "scale_prox_weight"),
+        ({"scale_prox_weight": "a"}, TypeError, "scale_prox_weight"),
+        ({"num_alternations": 0}, ValueError, "num_alternations"),
+        ({"num_inner_steps": 1}, ValueError, "num_inner_steps"),
+        ({"optim": torch.optim.Adam}, TypeError, "optim"),
+        ({"optim": "adam"}, TypeError, "optim"),
+        ({"inner_optim": {"lr": 0.1}}, TypeError, "inner_optim"),
+        ({"antithetic": "yes"}, TypeError, "antithetic"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    assert_error(_simple_model, AutoNormal(_simple_model), error=error, match=match, **kwargs)
+
+
+def test_bad_arguments_fail_at_construction():
+    # Validation happens in __init__, before any model evaluation.
+    with pytest.raises(ValueError, match="num_particles"):
+        ScoreProximalSVI(_simple_model, AutoNormal(_simple_model), num_particles=0)
+    with pytest.raises(TypeError, match="AutoDiscreteParallel"):
+        ScoreProximalSVI(_simple_model, AutoDiscreteParallel(_simple_model))
+
+
+def test_scale_schedule_that_goes_non_positive_is_an_error_naming_it():
+    svi = ScoreProximalSVI(
+        _simple_model, AutoNormal(_simple_model), scale_prox_weight=lambda t: 1.0 - t
+    )
+    svi.step()
+    with pytest.raises(ValueError, match="scale_prox_weight must be positive"):
+        svi.step()
+
+
+def test_scale_prox_weight_is_for_diagonal_guides():
+    svi = ScoreProximalSVI(
+        _simple_model, AutoMultivariateNormal(_simple_model), scale_prox_weight=1e3
+    )
+    with pytest.raises(NotImplementedError, match="scale_prox_weight supports AutoNormal"):
+        svi.step()
+
+
+def test_schedule_that_goes_non_positive_is_an_error_naming_prox_weight():
+    svi = ScoreProximalSVI(_simple_model, AutoNormal(_simple_model), prox_weight=lambda t: 1.0 - t)
+    svi.step()
+    with pytest.raises(ValueError, match="prox_weight"):
+        svi.step()
+
+
+def test_schedule_object_is_accepted():
+    assert_ok(
+        _simple_model, AutoNormal(_simple_model), prox_weight=PolynomialGrowth(10.0, 5.0, 1.0)
+    )
