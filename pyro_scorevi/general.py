@@ -53,6 +53,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide import AutoGuideList
 from pyro.infer.util import zero_grads
 from pyro.poutine.util import site_is_subsample
+from pyro.util import get_rng_state, set_rng_state
 
 from pyro_scorevi import core
 from pyro_scorevi.guides import DiagonalFamily
@@ -106,8 +107,12 @@ class GeneralFamily:
         self.deltas: list[str] = []
         self.sites: list[str] = []  # the model's latent sites whose values the guide gives
         self.root_transforms: dict[str, Any] = {}
-        with torch.no_grad():
-            self._classify(self._trace({}, args, kwargs))
+        rng_state = get_rng_state()  # setting up draws nothing (a resumed run stays exact)
+        try:
+            with torch.no_grad():
+                self._classify(self._trace({}, args, kwargs))
+        finally:
+            set_rng_state(rng_state)
         self.variance: dict[str, float] = {}
         self.metric: dict[str, torch.Tensor] = {}
 
@@ -673,12 +678,14 @@ class CompositeFamily:
         return -float(p.total / num_particles + entropy)
 
     def state_dict(self) -> dict:
-        """Counters, the diagonal parts' state and the running root variances."""
+        """Counters, the diagonal parts' state, the running root variances and the running
+        Fisher information of the guide's parameters."""
         return {
             "num_steps": self.num_steps,
             "num_rejected": self.num_rejected,
             "diagonal_state": None if self.state is None else self.state._asdict(),
             "variance": dict(self.general.variance) if self.general else {},
+            "metric": dict(self.general.metric) if self.general else {},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -694,6 +701,7 @@ class CompositeFamily:
         self.state = diagonal
         if self.general is not None:
             self.general.variance = dict(state.get("variance", {}))
+            self.general.metric = dict(state.get("metric", {}))
 
 
 class _Particles:
