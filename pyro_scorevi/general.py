@@ -426,8 +426,11 @@ class CompositeFamily:
             return self.diagonal.draw_subsample(args, kwargs)
         return None
 
-    def particles(self, log_joint: LogJoint, args, kwargs, *, num_particles, antithetic):
-        """Draws the step's particles and evaluates them; see the module docstring."""
+    def particles(
+        self, log_joint: LogJoint, args, kwargs, *, num_particles, antithetic, update=True
+    ):
+        """Draws the step's particles and evaluates them; see the module docstring.
+        ``update=False`` leaves the running Fisher information as it is (``evaluate_loss``)."""
         subsample = self._plates(args, kwargs)
         diagonal = self.diagonal
         if diagonal is not None:
@@ -454,8 +457,8 @@ class CompositeFamily:
             with torch.enable_grad():
                 if self.general is not None:
                     general_theta, used = self.general.sample(args, kwargs, model_subsample)
-                    if model_subsample is None:
-                        model_subsample = used or None
+                    if used:  # the guide's own plates (not the list's): the model replays them
+                        model_subsample = {**used, **(model_subsample or {})}
                     general_theta = {n: v.requires_grad_() for n, v in general_theta.items()}
                     evaluation = self.general.evaluate(general_theta, args, kwargs, model_subsample)
                     constrained, factors = evaluation.values, evaluation.factors
@@ -509,7 +512,7 @@ class CompositeFamily:
             map_params, map_grads = guide_params, _accumulate(map_grads, pg)
             model_params = params
             model_grads = _accumulate(model_grads, grads[start + n_roots + len(guide_params) :])
-        if squares is not None:
+        if squares is not None and update:
             self.general.update_metric(guide_names, [q / num_particles for q in squares])
         return _Particles(
             subsample=model_subsample,
@@ -670,7 +673,12 @@ class CompositeFamily:
             return -float(log_joint.evaluate({}, args, kwargs)[0].detach())
         with torch.enable_grad():
             p = self.particles(
-                log_joint, args, kwargs, num_particles=num_particles, antithetic=False
+                log_joint,
+                args,
+                kwargs,
+                num_particles=num_particles,
+                antithetic=False,
+                update=False,
             )
         entropy = 0.0
         if self.diagonal is not None:

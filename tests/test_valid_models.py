@@ -548,7 +548,7 @@ def test_guide_known_answer(name, engine):
     # keeps its closed form.
     args, post = _two_normals_data()
     svi_kwargs = {"inner_optim": pyro.optim.Adam({"lr": 0.05})}
-    steps = {"hand_written": 150, "AutoHierarchicalNormalMessenger": 250}.get(name, 300)
+    steps = {"hand_written": 150, "AutoHierarchicalNormalMessenger": 400}.get(name, 300)
     steps = steps if engine == "score" else 300
     guide, svi, _ = fit(
         _two_normals, GUIDES[name], *args, engine=engine, steps=steps, svi_kwargs=svi_kwargs
