@@ -1391,3 +1391,22 @@ def test_new_families_resume_exactly(which, tmp_path):
     for name, value in expected.items():
         assert torch.equal(value, pyro.param(name).detach()), name
     assert resumed.num_steps == svi.num_steps
+
+
+@pytest.mark.parametrize(
+    "prior_loc",
+    [1.0, pytest.param(0.0, marks=pytest.mark.xfail(reason=_PRIOR_ONLY, strict=True))],
+    ids=["off_the_initial_loc", "at_the_initial_loc"],
+)
+def test_latent_without_likelihood_information_reaches_its_prior_scale(prior_loc):
+    # AdaptiveStep's scale bounds (1e-10 to 4e9 in float32) leave room for the prior's scale,
+    # 100 times the initial 0.1; its rates must take the scale there.
+    def model():
+        loc = pyro.sample("loc", dist.Normal(prior_loc, 10.0))
+        with pyro.plate("data", 12), poutine.mask(mask=False):
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=_Y)
+
+    guide, _, _ = fit(model, AutoNormal, steps=300)
+    loc, scale = normal_params(guide, "loc")
+    assert abs(float(loc) - prior_loc) < 0.25 * 10.0
+    assert abs(float(scale) / 10.0 - 1) < 0.15
