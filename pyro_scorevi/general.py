@@ -22,15 +22,20 @@ the guide's parameters then take ``num_inner_steps`` optimiser steps on
 
     J(\\phi) = \\frac1S\\sum_k\\sum_r c_r w_r
         \\lVert \\nabla_{\\theta_r}\\log q_\\phi(\\theta_k) / c_r - \\hat g_{k,r}\\rVert^2
-        - \\lambda \\frac1S\\sum_k \\log q_\\phi(\\theta_k),
+        + \\frac\\lambda2 \\sum_j F_j (\\phi_j - \\phi_{t,j})^2,
 
 the score-matching term with the score of :math:`\\log q_\\phi` by autograd at the fixed
-:math:`\\theta_k` (no reparametrisation), and an unbiased estimate of
-:math:`\\lambda\\,\\mathrm{KL}(q_t\\Vert q_\\phi)` up to a constant. :math:`w_r` is a running
-estimate of the variance of root :math:`r` under :math:`q` (the weighting
-:math:`W = \\mathrm{Cov}(q_t)` of the closed form, one number per root). Parameters that fix a
-``Delta`` site alone (MAP) take one optimiser step on :math:`-\\frac1S\\sum_k\\nabla_\\phi
-F(\\theta_k)`, the gradient ``Trace_ELBO`` gives them. The step returns
+:math:`\\theta_k` (no reparametrisation), and :math:`\\lambda\\,\\mathrm{KL}(q_t\\Vert q_\\phi)`
+to second order, with :math:`F` a running estimate of the diagonal Fisher information
+:math:`\\mathbb E_q[(\\nabla_\\phi \\log q_\\phi)^2]` (a Monte Carlo KL over the step's few
+particles instead would be minimised by a narrower :math:`q` at every step). :math:`w_r` is a
+running estimate of the variance of root :math:`r` under :math:`q` (the weighting
+:math:`W = \\mathrm{Cov}(q_t)` of the closed form, one number per root); :math:`\\lambda` is the
+``FixedStep`` weight, else ``defaults.PROX_WEIGHT``. Only parameters that the objective reaches
+take these steps. Parameters that act through ``Delta`` sites alone take one optimiser step on
+:math:`-\\frac1S\\sum_k\\nabla_\\phi F(\\theta_k)`, the gradient ``Trace_ELBO`` gives them:
+MAP for ``AutoDelta``, and the reparametrised ELBO gradient for a guide that draws
+parameter-free noise and maps it through its parameters (``AutoStructured``). The step returns
 :math:`-\\frac1S\\sum_k [\\log p(z_k) - \\log q(z_k)]` (+ the closed-form entropy of the
 diagonal parts), the estimate ``Trace_ELBO`` reports.
 
