@@ -119,7 +119,10 @@ def adaptive_update(
     )
     # Scales no faster than their means: where the mean's steps are noise (a network early on)
     # the scales wait for it, instead of growing to the prior's first.
-    scale_rate = torch.minimum(scale_rate, rule.scale_to_mean_rate * mean_rate)
+    # A mean whose proposed step is exactly 0 (a prior-only latent started at its optimum, with
+    # antithetic pairs) has no noise to wait for: its scale is not capped.
+    capped = torch.minimum(scale_rate, rule.scale_to_mean_rate * mean_rate)
+    scale_rate = torch.where(mean_direction == 0, scale_rate, capped)
     # The means' floor (not the scales'): noisy coordinates keep learning at a fixed rate.
     mean_rate = mean_rate.clamp_min(trust * rule.mean_rate_floor)
     proposed_loc, proposed_scale = diagonal_proximal_update(

@@ -96,7 +96,8 @@ def adaptive_update(
     scale_rate = jnp.clip(
         trust * rule.max_scale_rate * scale_agreement, rule.min_rate, rule.max_scale_rate
     )
-    scale_rate = jnp.minimum(scale_rate, rule.scale_to_mean_rate * mean_rate)
+    capped = jnp.minimum(scale_rate, rule.scale_to_mean_rate * mean_rate)
+    scale_rate = jnp.where(mean_direction == 0, scale_rate, capped)  # see the torch mirror
     mean_rate = jnp.maximum(mean_rate, trust * rule.mean_rate_floor)
     proposed_loc, proposed_scale = diagonal_proximal_update(
         loc,
