@@ -120,9 +120,12 @@ def adaptive_update(
     # Scales no faster than their means: where the mean's steps are noise (a network early on)
     # the scales wait for it, instead of growing to the prior's first.
     # A mean whose proposed step is exactly 0 (a prior-only latent started at its optimum, with
-    # antithetic pairs) has no noise to wait for: its scale is not capped.
+    # antithetic pairs) has no noise to wait for: its scale is not capped. A flat direction
+    # (every score exactly 0, no curvature information either) stays capped, so its scale does
+    # not drift to the bound.
+    informed = stats.mean_offset_score - stats.mean_offset * stats.mean_score != 0
     capped = torch.minimum(scale_rate, rule.scale_to_mean_rate * mean_rate)
-    scale_rate = torch.where(mean_direction == 0, scale_rate, capped)
+    scale_rate = torch.where((mean_direction == 0) & informed, scale_rate, capped)
     # The means' floor (not the scales'): noisy coordinates keep learning at a fixed rate.
     mean_rate = mean_rate.clamp_min(trust * rule.mean_rate_floor)
     proposed_loc, proposed_scale = diagonal_proximal_update(

@@ -1006,16 +1006,6 @@ def test_pattern_obs_mask_multivariate(engine):
     assert_close_fit(y_loc[~mask], y_scale[~mask], mean[2:], sd[2:], engine)
 
 
-_FLAT = (
-    "since 146faa7 AdaptiveStep uncaps the scale rate wherever the mean's proposed step is "
-    "exactly 0, which also holds where every score is exactly 0 (a flat direction): those "
-    "scales then grow by e per step to the 4.3e9 bound. Uncapping only where "
-    "mean_offset_score - mean_offset * mean_score != 0 keeps both this test and the prior-only "
-    "one passing (measured)"
-)
-
-
-@pytest.mark.xfail(reason=_FLAT, strict=True)
 def test_obs_mask_flat_entries_stay_bounded_in_a_long_run():
     # The observed entries of "y_unobserved" are flat: exact zero scores. The closed-form step
     # leaves them where they are (Trace_ELBO's scale there drifts, log-linearly); every step is

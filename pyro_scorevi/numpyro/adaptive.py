@@ -96,8 +96,9 @@ def adaptive_update(
     scale_rate = jnp.clip(
         trust * rule.max_scale_rate * scale_agreement, rule.min_rate, rule.max_scale_rate
     )
+    informed = stats.mean_offset_score - stats.mean_offset * stats.mean_score != 0
     capped = jnp.minimum(scale_rate, rule.scale_to_mean_rate * mean_rate)
-    scale_rate = jnp.where(mean_direction == 0, scale_rate, capped)  # see the torch mirror
+    scale_rate = jnp.where((mean_direction == 0) & informed, scale_rate, capped)  # as torch
     mean_rate = jnp.maximum(mean_rate, trust * rule.mean_rate_floor)
     proposed_loc, proposed_scale = diagonal_proximal_update(
         loc,
