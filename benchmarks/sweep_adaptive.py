@@ -1,4 +1,6 @@
-"""The sweep behind the constants of :class:`pyro_scorevi.AdaptiveStep` (``docs/algorithm_sweeps.md``).
+"""The sweep behind the constants of :class:`pyro_scorevi.AdaptiveStep`.
+
+Its table is on ``docs/algorithm_sweeps.md``.
 
 Each configuration changes one or two constants of the default rule and is measured on
 
@@ -41,9 +43,9 @@ CONFIGS: dict[str, dict] = {
 def posterior_figures(rule_kwargs: dict, evals: int, seed: int) -> dict:
     """Median/worst mean error, median sd ratio and rejections over the posterior suite."""
     import jax
+    import posterior_suite as suite
     from numpyro.infer.autoguide import AutoNormal
 
-    import posterior_suite as suite
     from pyro_scorevi import AdaptiveStep
     from pyro_scorevi.compare.posteriors import POSTERIORS
     from pyro_scorevi.numpyro import ScoreProximalSVI

@@ -556,7 +556,6 @@ def neg_elbo(
     import pyro.distributions as dist
     import torch
     from pyro.distributions.transforms import ExpTransform
-    from pyro.infer import Trace_ELBO
 
     spec, _, _ = problem.load()
     model, args, kwargs = problem.pyro_model_and_args(full_batch=True)
@@ -570,14 +569,7 @@ def neg_elbo(
                 d = dist.TransformedDistribution(d, ExpTransform())
             pyro.sample(s.name, d)
 
-    # The estimate runs between training steps: it must not disturb the fit's random stream.
-    rng_state = pyro.util.get_rng_state()
-    try:
-        with torch.no_grad(), pyro.get_param_store().scope():
-            pyro.set_rng_seed(seed)
-            return float(Trace_ELBO(num_particles).loss(model, guide, *args, **kwargs))
-    finally:
-        pyro.util.set_rng_state(rng_state)
+    return _trace_elbo_loss(model, guide, args, kwargs, num_particles, seed)
 
 
 def neg_elbo_full_rank(
@@ -602,7 +594,6 @@ def neg_elbo_full_rank(
     import pyro
     import pyro.distributions as dist
     import torch
-    from pyro.infer import Trace_ELBO
 
     model, args, kwargs = problem.pyro_model_and_args(full_batch=True)
     m = torch.as_tensor(loc, dtype=torch.float64)
@@ -623,6 +614,17 @@ def neg_elbo_full_rank(
                 pyro.sample(s.name, dist.Delta(v.exp(), log_density=-v.sum(), event_dim=k))
             else:
                 pyro.sample(s.name, dist.Delta(v, event_dim=k))
+
+    return _trace_elbo_loss(model, guide, args, kwargs, num_particles, seed)
+
+
+def _trace_elbo_loss(model, guide, args, kwargs, num_particles: int, seed: int) -> float:
+    """``Trace_ELBO(num_particles).loss`` on a seeded stream, in its own param-store scope.
+
+    The estimate runs between training steps: it must not disturb the fit's random stream."""
+    import pyro
+    import torch
+    from pyro.infer import Trace_ELBO
 
     rng_state = pyro.util.get_rng_state()
     try:
