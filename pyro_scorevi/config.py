@@ -15,7 +15,7 @@ from pyro_scorevi import defaults
 from pyro_scorevi.schedules import ProxWeight
 from pyro_scorevi.step_rules import AdaptiveStep, FixedStep, StepRule, resolve_step_rule
 
-__all__ = ["ScoreProximalConfig", "check_int"]
+__all__ = ["ScoreProximalConfig", "check_int", "particles_from_loss"]
 
 
 @dataclass(frozen=True)
@@ -96,3 +96,14 @@ def check_int(name: str, value: Any, minimum: int) -> None:
             f"{name} must satisfy {name} >= {minimum} (got {name} = {value}); use "
             f"{name} >= {minimum}."
         )
+
+
+def particles_from_loss(num_particles: int | None, loss_particles: int) -> int:
+    """``num_particles`` from an ELBO passed as ``loss`` (SVI's fourth argument), which must
+    agree with an explicit ``num_particles``."""
+    if num_particles is not None and num_particles != loss_particles:
+        raise ValueError(
+            f"num_particles={num_particles} disagrees with loss.num_particles="
+            f"{loss_particles}; pass one of them."
+        )
+    return loss_particles

@@ -29,7 +29,7 @@ from pyro_scorevi.adaptive import RateState, adaptive_update, init_rates
 from pyro_scorevi.proximal import ScoreStatistics, diagonal_proximal_update
 from pyro_scorevi.step_rules import AdaptiveStep, FixedStep, StepRule
 
-__all__ = ["DiagonalState", "StepInfo", "init", "update"]
+__all__ = ["DiagonalState", "StepInfo", "init", "update", "state_from_dict"]
 
 
 class DiagonalState(NamedTuple):
@@ -69,13 +69,20 @@ class StepInfo(NamedTuple):
         loss: the -ELBO estimate of the frozen :math:`q_t` (a float).
         accepted: the guide moved to a new iterate (model params may step too).
         reverted: the guide returned to the previous iterate.
-        mean_rate: the mean :math:`\\eta_m` over coordinates (``AdaptiveStep``), else ``nan``.
     """
 
     loss: float
     accepted: bool
     reverted: bool
-    mean_rate: float
+
+
+def state_from_dict(fields: dict) -> DiagonalState:
+    """The :class:`DiagonalState` of ``state._asdict()`` (its ``rates`` a plain tuple after a
+    round trip through ``torch.save``)."""
+    fields = dict(fields)
+    if fields["rates"] is not None:
+        fields["rates"] = RateState(*fields["rates"])
+    return DiagonalState(**fields)
 
 
 def init(loc: torch.Tensor, scale: torch.Tensor, rule: StepRule) -> DiagonalState:
@@ -106,18 +113,14 @@ def update(
                 backup_scale=None,
                 trust=_backed_off(state.trust, rule),
             )
-            return _failed(reverted), StepInfo(loss, False, True, math.nan)
+            return _failed(reverted), StepInfo(loss, False, True)
     if not finite:
-        return _failed(state._replace(trust=_backed_off(state.trust, rule))), StepInfo(
-            loss, False, False, math.nan
-        )
-    new_loc, new_scale, rates, mean_rate = adaptive_update(
+        return _rejected(state, loss, rule)
+    new_loc, new_scale, rates, _ = adaptive_update(
         state.loc, state.scale, stats, state.rates, state.trust, rule
     )
     if not bool(torch.isfinite(new_loc).all() & torch.isfinite(new_scale).all()):
-        return _failed(state._replace(trust=_backed_off(state.trust, rule))), StepInfo(
-            loss, False, False, math.nan
-        )
+        return _rejected(state, loss, rule)
     noise = state.loss_noise
     if state.backup_loc is not None:  # two accepted losses in a row: one noise sample
         noise = 0.9 * noise + 0.1 * 0.5 * (loss - state.backup_loss) ** 2
@@ -137,7 +140,7 @@ def update(
         step=state.step + 1,
         rejected_in_a_row=0,
     )
-    return new_state, StepInfo(loss, True, False, float(mean_rate.mean()))
+    return new_state, StepInfo(loss, True, False)
 
 
 def _fixed_update(state, stats, loss, finite, rule: FixedStep):
@@ -156,11 +159,11 @@ def _fixed_update(state, stats, loss, finite, rule: FixedStep):
             torch.isfinite(new_loc).all() & torch.isfinite(new_scale).all() & (new_scale > 0).all()
         )
     if not finite:
-        return _failed(state), StepInfo(loss, False, False, math.nan)
+        return _failed(state), StepInfo(loss, False, False)
     new_state = state._replace(
         loc=new_loc, scale=new_scale, step=state.step + 1, rejected_in_a_row=0
     )
-    return new_state, StepInfo(loss, True, False, math.nan)
+    return new_state, StepInfo(loss, True, False)
 
 
 #: Floor of the trust kappa: ten halvings. Lower, a streak of failures would leave steps so
@@ -170,6 +173,13 @@ MIN_TRUST = 2.0**-10
 
 def _backed_off(trust: float, rule: AdaptiveStep) -> float:
     return max(MIN_TRUST, trust * rule.backoff)
+
+
+def _rejected(state: DiagonalState, loss: float, rule: AdaptiveStep):
+    """A failed step with nothing to revert to: the guide is kept and the trust backs off."""
+    return _failed(state._replace(trust=_backed_off(state.trust, rule))), StepInfo(
+        loss, False, False
+    )
 
 
 def _failed(state: DiagonalState) -> DiagonalState:

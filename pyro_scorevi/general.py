@@ -706,12 +706,7 @@ class CompositeFamily:
         self.num_steps = int(state.get("num_steps", 0))
         self.num_rejected = int(state.get("num_rejected", 0))
         diagonal = state.get("diagonal_state")
-        if diagonal is not None:
-            diagonal = dict(diagonal)
-            if diagonal["rates"] is not None:
-                diagonal["rates"] = core.RateState(*diagonal["rates"])
-            diagonal = core.DiagonalState(**diagonal)
-        self.state = diagonal
+        self.state = None if diagonal is None else core.state_from_dict(diagonal)
         if self.general is not None:
             self.general.variance = dict(state.get("variance", {}))
             self.general.metric = dict(state.get("metric", {}))

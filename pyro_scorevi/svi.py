@@ -37,6 +37,7 @@ from pyro.infer.util import zero_grads
 from pyro.optim import PyroOptim
 
 from pyro_scorevi import core, defaults
+from pyro_scorevi.config import particles_from_loss
 from pyro_scorevi.fast_path import TracedStep
 from pyro_scorevi.general import (
     CompositeFamily,
@@ -324,12 +325,7 @@ class ScoreProximalSVI:
         """Restores :meth:`state_dict`; with the param store loaded (and the RNG state
         restored), a run resumes exactly."""
         diagonal = state.get("diagonal_state")
-        if diagonal is not None:
-            diagonal = _clone(diagonal)
-            if diagonal["rates"] is not None:
-                diagonal["rates"] = core.RateState(*diagonal["rates"])
-            diagonal = core.DiagonalState(**diagonal)
-        self._state = diagonal
+        self._state = None if diagonal is None else core.state_from_dict(_clone(diagonal))
         composite = state.get("composite")
         if composite is not None:
             self._pending_composite = _clone(composite)
@@ -741,12 +737,7 @@ def _particles_from_loss(loss: Any, num_particles: int | None) -> int:
             f"{type(loss).__name__}); ScoreProximalSVI replaces ELBO gradients by scores, so "
             "the ELBO only sets num_particles and the estimator of svi.loss(...)."
         )
-    if num_particles is not None and num_particles != loss.num_particles:
-        raise ValueError(
-            f"num_particles={num_particles} disagrees with loss.num_particles="
-            f"{loss.num_particles}; pass one of them."
-        )
-    return loss.num_particles
+    return particles_from_loss(num_particles, loss.num_particles)
 
 
 def _accumulate(total, grads):

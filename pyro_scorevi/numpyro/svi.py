@@ -56,7 +56,7 @@ from numpyro.infer.util import helpful_support_errors, transform_fn
 from numpyro.optim import Adam, _NumPyroOptim, optax_to_numpyro
 
 from pyro_scorevi import defaults
-from pyro_scorevi.config import ScoreProximalConfig
+from pyro_scorevi.config import ScoreProximalConfig, particles_from_loss
 from pyro_scorevi.numpyro.adaptive import adaptive_update, init_rates
 from pyro_scorevi.numpyro.guides import (
     DiagonalFamily,
@@ -214,12 +214,7 @@ def _particles_from_loss(loss: Any, num_particles: int | None) -> int | None:
             "ScoreProximalSVI fits (the ELBO, KL(q || p)); pass Trace_ELBO(num_particles=S) or "
             "num_particles=S."
         )
-    if num_particles is not None and num_particles != loss.num_particles:
-        raise ValueError(
-            f"num_particles={num_particles} disagrees with loss.num_particles="
-            f"{loss.num_particles}; pass one of them."
-        )
-    return loss.num_particles
+    return particles_from_loss(num_particles, loss.num_particles)
 
 
 def _model_param_sites(model_trace: dict) -> tuple[dict, dict]:
