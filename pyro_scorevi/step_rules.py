@@ -80,6 +80,11 @@ class AdaptiveStep:
             where sd is a running estimate of the estimate's step-to-step noise.
         backoff, recovery: factors of the trust :math:`\\kappa` after a reverted or rejected
             step, and after an accepted one (capped at 1).
+        mean_rate_floor: the least :math:`\\eta_{m,j}/\\kappa` of the means (not of the scales):
+            where the step signs are noise the means still move at this fraction of a Newton
+            step, a noise floor of about :math:`\\sqrt{\\eta/2}` posterior sds at the mode.
+        scale_to_mean_rate: the scales' rate is at most this multiple of the (unfloored) mean
+            rate, so that the scales of a network wait for their means.
 
     Reference: the measurements behind each default are in ``docs/algorithm.md``.
     """
@@ -96,7 +101,14 @@ class AdaptiveStep:
     min_rate: float = 1e-4
     num_alternations: int = 1
     scale_to_mean_rate: float = 0.5
-    mean_rate_floor: float = 0.0
+    #: 0.01: the means keep learning at 1% of a Newton step where their step signs are noise.
+    #: On a network trained from scratch the per-coordinate signs are noise from step ~100 on
+    #: (median agreement 1e-3 on the digits ViT), yet the sum of the steps still makes progress,
+    #: as SGD's does; without a floor the rate fell to about 5e-4 and the ViT learned on one
+    #: seed of three (accuracy 0.18-0.64). With 0.01 it learns on all three, the MLP's NLL falls
+    #: from 0.156 to 0.129 and logreg's mean error from 0.37 to 0.22 sd; the posterior suite
+    #: passes the same 11 of 14 (``docs/algorithm_sweeps.md``, "The means' rate floor").
+    mean_rate_floor: float = 0.01
     momentum: float = 0.0
     initial_mean_radius: float = 1.0
     #: 1e4 sds: a coefficient 1000s of posterior sds from its start (raw-scale predictors)
@@ -137,6 +149,17 @@ class AdaptiveStep:
             raise ValueError(
                 f"min_rate must be below max_mean_rate and max_scale_rate (got min_rate = "
                 f"{self.min_rate})."
+            )
+        floor = self.mean_rate_floor
+        if (
+            isinstance(floor, bool)
+            or not isinstance(floor, (int, float))
+            or not (0 <= floor <= self.max_mean_rate)
+        ):
+            raise ValueError(
+                f"mean_rate_floor must satisfy 0 <= mean_rate_floor <= max_mean_rate (got "
+                f"mean_rate_floor = {floor!r}, max_mean_rate = {self.max_mean_rate}); 0 turns "
+                "the floor off."
             )
         if not isinstance(self.min_memory, (int, float)) or self.min_memory < 2:
             raise ValueError(f"min_memory must satisfy min_memory >= 2 (got {self.min_memory!r}).")
