@@ -29,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 #: One-at-a-time changes from the default rule (the first row is the default).
 CONFIGS: dict[str, dict] = {
     "default": {},
+    "mean_rate_floor=0 (before)": {"mean_rate_floor": 0.0},
+    "mean_rate_floor=0.003": {"mean_rate_floor": 0.003},
+    "mean_rate_floor=0.03": {"mean_rate_floor": 0.03},
     "scale_to_mean_rate=1": {"scale_to_mean_rate": 1.0},
     "scale_to_mean_rate=0.25": {"scale_to_mean_rate": 0.25},
-    "mean_rate_floor=0.05": {"mean_rate_floor": 0.05},
-    "floor=0.1, scale_to_mean=0.25": {"mean_rate_floor": 0.1, "scale_to_mean_rate": 0.25},
     "max_mean_rate=1": {"max_mean_rate": 1.0},
     "min_mean_radius=0.01": {"min_mean_radius": 0.01, "initial_mean_radius": 1.0},
     "num_alternations=2": {"num_alternations": 2},

@@ -97,8 +97,12 @@ def adaptive_update(
     rates: RateState,
     trust: torch.Tensor | float,
     rule: AdaptiveStep,
+    release: torch.Tensor | float = 0.0,
+    floor_decay: torch.Tensor | float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, RateState, torch.Tensor]:
-    """One adaptive closed-form step from the frozen ``(loc, scale)``.
+    """One adaptive closed-form step from the frozen ``(loc, scale)``; ``release`` and
+    ``floor_decay`` are :func:`~pyro_scorevi.step_rules.cap_release` and
+    :func:`~pyro_scorevi.step_rules.floor_decay` of the loss's progress.
 
     Returns:
         ``(new_loc, new_scale, new_rates, mean_rate)``; ``mean_rate`` is the per-coordinate
@@ -124,10 +128,14 @@ def adaptive_update(
     # (every score exactly 0, no curvature information either) stays capped, so its scale does
     # not drift to the bound.
     informed = stats.mean_offset_score - stats.mean_offset * stats.mean_score != 0
-    capped = torch.minimum(scale_rate, rule.scale_to_mean_rate * mean_rate)
+    # Once the loss has stopped falling (release -> 1) the cap follows the floored mean rate:
+    # scales that the sign noise at the mode held back can reach the optimum's.
+    cap_rate = mean_rate.clamp_min(release * trust * rule.mean_rate_floor)
+    capped = torch.minimum(scale_rate, rule.scale_to_mean_rate * cap_rate)
     scale_rate = torch.where((mean_direction == 0) & informed, scale_rate, capped)
-    # The means' floor (not the scales'): noisy coordinates keep learning at a fixed rate.
-    mean_rate = mean_rate.clamp_min(trust * rule.mean_rate_floor)
+    # The means' floor (not the scales'): noisy coordinates keep learning while the loss
+    # falls; once it has stopped, the floor decays like 1/t (no noise floor at the mode).
+    mean_rate = mean_rate.clamp_min(floor_decay * trust * rule.mean_rate_floor)
     proposed_loc, proposed_scale = diagonal_proximal_update(
         loc,
         scale,

@@ -23,11 +23,19 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from pyro_scorevi.adaptive import RateState, adaptive_update, init_rates
 from pyro_scorevi.proximal import ScoreStatistics, diagonal_proximal_update
-from pyro_scorevi.step_rules import AdaptiveStep, FixedStep, StepRule
+from pyro_scorevi.step_rules import (
+    AdaptiveStep,
+    FixedStep,
+    StepRule,
+    cap_release,
+    floor_decay,
+    progress_means,
+)
 
 __all__ = ["DiagonalState", "StepInfo", "init", "update", "state_from_dict"]
 
@@ -47,6 +55,9 @@ class DiagonalState(NamedTuple):
         step: accepted steps so far (the ``t`` of a ``FixedStep`` schedule).
         num_rejected: reverted and rejected steps so far.
         rejected_in_a_row: consecutive reverted or rejected steps.
+        loss_fast, loss_slow: running means of the accepted losses (``AdaptiveStep``'s
+            progress signal; NaN before the first).
+        released: the sum of the cap's ``release`` over the accepted steps.
     """
 
     loc: torch.Tensor
@@ -60,6 +71,9 @@ class DiagonalState(NamedTuple):
     step: int
     num_rejected: int
     rejected_in_a_row: int
+    loss_fast: float = math.nan
+    loss_slow: float = math.nan
+    released: float = 0.0
 
 
 class StepInfo(NamedTuple):
@@ -116,8 +130,18 @@ def update(
             return _failed(reverted), StepInfo(loss, False, True)
     if not finite:
         return _rejected(state, loss, rule)
+    release = float(
+        cap_release(rule, state.loss_fast, state.loss_slow, state.loss_noise, state.step, np)
+    )
     new_loc, new_scale, rates, _ = adaptive_update(
-        state.loc, state.scale, stats, state.rates, state.trust, rule
+        state.loc,
+        state.scale,
+        stats,
+        state.rates,
+        state.trust,
+        rule,
+        release,
+        floor_decay(rule, state.released),
     )
     if not bool(torch.isfinite(new_loc).all() & torch.isfinite(new_scale).all()):
         return _rejected(state, loss, rule)
@@ -128,6 +152,9 @@ def update(
         # No noise sample yet: start from 25% of the loss (the EMA forgets it within tens of
         # steps), so that the first steps of a small model are not reverted for noise alone.
         noise = (0.25 * loss) ** 2
+    fast, slow = (
+        float(v) for v in progress_means(rule, state.loss_fast, state.loss_slow, loss, np)
+    )
     new_state = state._replace(
         loc=new_loc,
         scale=new_scale,
@@ -139,6 +166,9 @@ def update(
         loss_noise=noise,
         step=state.step + 1,
         rejected_in_a_row=0,
+        loss_fast=fast,
+        loss_slow=slow,
+        released=state.released + release,
     )
     return new_state, StepInfo(loss, True, False)
 

@@ -205,7 +205,9 @@ def test_autonormal_and_score_proximal_svi_fit_a_small_bayesian_mlp():
     guide = AutoNormal(model, init_scale=0.05)
     svi = ScoreProximalSVI(model, guide, fast_path=False)
     losses = [svi.step(x, y) for _ in range(300)]
-    assert svi.num_rejected_steps == 0
+    # A reverted step is the rule at work (a sharply worse -ELBO estimate undone and retried
+    # smaller); measured: 0 without the means' rate floor, 1 of 300 with it.
+    assert svi.num_rejected_steps <= 3
     # The noisy -ELBO estimate falls well below its start (averaged over 50 steps).
     assert sum(losses[-50:]) / 50 < 0.5 * sum(losses[:50]) / 50
     predictive = Predictive(model, guide=guide, num_samples=50, return_sites=["_RETURN"])

@@ -79,6 +79,8 @@ def adaptive_update(
     rates: RateState,
     trust: jax.Array | float,
     rule: AdaptiveStep,
+    release: jax.Array | float = 0.0,
+    floor_decay: jax.Array | float = 1.0,
 ) -> tuple[jax.Array, jax.Array, RateState, jax.Array]:
     """One adaptive closed-form step; returns ``(new_loc, new_scale, new_rates, mean_rate)``."""
     dtype = scale.dtype
@@ -97,9 +99,10 @@ def adaptive_update(
         trust * rule.max_scale_rate * scale_agreement, rule.min_rate, rule.max_scale_rate
     )
     informed = stats.mean_offset_score - stats.mean_offset * stats.mean_score != 0
-    capped = jnp.minimum(scale_rate, rule.scale_to_mean_rate * mean_rate)
+    cap_rate = jnp.maximum(mean_rate, release * trust * rule.mean_rate_floor)  # as torch
+    capped = jnp.minimum(scale_rate, rule.scale_to_mean_rate * cap_rate)
     scale_rate = jnp.where((mean_direction == 0) & informed, scale_rate, capped)  # as torch
-    mean_rate = jnp.maximum(mean_rate, trust * rule.mean_rate_floor)
+    mean_rate = jnp.maximum(mean_rate, floor_decay * trust * rule.mean_rate_floor)
     proposed_loc, proposed_scale = diagonal_proximal_update(
         loc,
         scale,

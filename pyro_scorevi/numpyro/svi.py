@@ -75,7 +75,13 @@ from pyro_scorevi.numpyro.scores import (
     standard_normal_particles,
 )
 from pyro_scorevi.schedules import ProxWeight
-from pyro_scorevi.step_rules import AdaptiveStep, StepRule
+from pyro_scorevi.step_rules import (
+    AdaptiveStep,
+    StepRule,
+    cap_release,
+    floor_decay,
+    progress_means,
+)
 
 __all__ = [
     "ScoreProximalConfig",
@@ -138,6 +144,9 @@ class AdaptiveState(NamedTuple):
         has_backup: whether there is one to revert to (false at the start and after a revert).
         backup_loss: its -ELBO estimate.
         loss_noise: running mean of :math:`(L_t - L_{t-1})^2/2` over accepted steps.
+        loss_fast, loss_slow: running means of the accepted losses (the progress signal of
+            :func:`~pyro_scorevi.step_rules.cap_release`; NaN before the first).
+        released: the sum of the cap's ``release`` over the accepted steps.
     """
 
     rates: dict
@@ -147,6 +156,9 @@ class AdaptiveState(NamedTuple):
     has_backup: jax.Array
     backup_loss: jax.Array
     loss_noise: jax.Array
+    loss_fast: jax.Array
+    loss_slow: jax.Array
+    released: jax.Array
 
 
 #: Floor of the trust kappa (as :data:`pyro_scorevi.core.MIN_TRUST`).
@@ -406,6 +418,9 @@ def _init_adaptive(family: DiagonalFamily, params: dict, rule: AdaptiveStep) -> 
         jnp.zeros((), bool),
         jnp.full((), jnp.nan, dtype),
         jnp.zeros((), dtype),
+        jnp.full((), jnp.nan, dtype),
+        jnp.full((), jnp.nan, dtype),
+        jnp.zeros((), dtype),
     )
 
 
@@ -571,10 +586,19 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
         + 1.0
     )
     revert = st.has_backup & (~finite | (loss > st.backup_loss + tolerance))
+    release = cap_release(rule, st.loss_fast, st.loss_slow, st.loss_noise, state.step, jnp)
+    release = release.astype(dtype)
     new_locs, new_scales, new_rates = {}, {}, {}
     for k in locs:
         new_locs[k], new_scales[k], new_rates[k], _ = adaptive_update(
-            locs[k], scales[k], stats[k], st.rates[k], st.trust, rule
+            locs[k],
+            scales[k],
+            stats[k],
+            st.rates[k],
+            st.trust,
+            rule,
+            release,
+            floor_decay(rule, st.released),
         )
     accepted = ~revert & finite & _all_finite((new_locs, new_scales))
     out_locs = _select(accepted, new_locs, _select(revert, st.backup_locs, locs))
@@ -598,6 +622,14 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
             # No noise sample yet: 25% of the loss, as the torch core.
             jnp.where(accepted & (state.step == 0), jnp.square(0.25 * loss), st.loss_noise),
         ).astype(dtype),
+        *(
+            jnp.where(accepted, new, old).astype(dtype)
+            for new, old in zip(
+                progress_means(rule, st.loss_fast, st.loss_slow, loss, jnp),
+                (st.loss_fast, st.loss_slow),
+            )
+        ),
+        jnp.where(accepted, st.released + release, st.released).astype(dtype),
     )
     params = family.with_locs_scales(state.params, out_locs, out_scales)
     return params, loss, new_rule, accepted, param_grads
