@@ -61,8 +61,9 @@ def posterior_figures(rule_kwargs: dict, evals: int, seed: int) -> dict:
         loc = {n: np.asarray(result.params[f"{n}_auto_loc"], float) for n in sites}
         scale = {n: np.asarray(result.params[f"{n}_auto_scale"], float) for n in sites}
         steps = evals // 2
-        fit = suite.FitResult(loc, scale, None, steps, result.num_rejected_steps,
-                              np.zeros(steps, bool), 0.0)
+        fit = suite.FitResult(
+            loc, scale, None, steps, result.num_rejected_steps, np.zeros(steps, bool), 0.0
+        )
         scored = suite.score_fit(posterior, fit)
         errors.append(scored["mean_err"])
         ratios.append(scored["sd_ratio"])
@@ -122,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     names = list(CONFIGS) if args.configs == "all" else args.configs.split(",")
     rows = []
     print(f"evals {args.evals}, seed {args.seed}\n")
-    print("| rule | posteriors: median / worst mean err (sd) | median sd ratio | rejected | "
-          "MLP NLL / ECE / acc / -ELBO | ViT NLL / ECE / acc / -ELBO | s |")
+    print(
+        "| rule | posteriors: median / worst mean err (sd) | median sd ratio | rejected | "
+        "MLP NLL / ECE / acc / -ELBO | ViT NLL / ECE / acc / -ELBO | s |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in names:
         kw = CONFIGS[name]
