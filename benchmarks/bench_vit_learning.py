@@ -8,8 +8,8 @@ Bayesian with :func:`pyro_scorevi.nn.bayesianize_` (every parameter a latent sit
 and fitted from its random initialisation (``init_to_network``, ``init_scale=0.01``) with
 
 * ``SVI(Trace_ELBO(2))`` + Adam at lr 1e-2 and 1e-3,
-* ``ScoreProximalSVI`` at its defaults (``prox_weight=100``) and with slow scales
-  (``prox_weight=20, scale_prox_weight=1e4``, ``docs/pitfalls.md``),
+* ``ScoreProximalSVI`` at its defaults (``AdaptiveStep()``) and with slow scales
+  (``FixedStep(prox_weight=20, scale_prox_weight=1e4)``, ``docs/pitfalls.md``),
 
 all with two particles per step, so the same number of gradient evaluations per step. Prints
 test accuracy and NLL (Bayesian model average of 20 draws, 360 held-out images) at checkpoints,

@@ -2,10 +2,11 @@
 
 A step of the closed-form family runs the model ``S`` times through Pyro's handlers; for a
 neural network most of that time is Python, not arithmetic. :class:`TracedStep` records the
-whole step (sampling, the model's log joint, its gradient, the per-coordinate sums, the
-proximal update) with :func:`torch.fx.experimental.proxy_tensor.make_fx` into a graph of ATen
-operations and replays it on later steps: the same operations, the same random draws
-(``randn``, the plate's ``randperm`` are ops of the graph), without Pyro's Python overhead.
+step's particle loop (sampling, the model's log joint, its gradient, the per-coordinate sums;
+the proximal update itself runs eagerly, in :mod:`pyro_scorevi.core`) with
+:func:`torch.fx.experimental.proxy_tensor.make_fx` into a graph of ATen operations and replays
+it on later steps: the same operations, the same random draws (``randn``, the plate's
+``randperm`` are ops of the graph), without Pyro's Python overhead.
 With ``compile=True`` the graph is further compiled by :func:`torch.compile` (inductor, with
 ``fallback_random`` so that it draws the same random numbers as the eager step).
 

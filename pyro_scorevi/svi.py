@@ -106,11 +106,12 @@ class ScoreProximalSVI:
             sites (default ``pyro.optim.Adam({"lr": 1e-2})``).
         num_inner_steps: ``K >= 2`` inner steps per iteration for those guides.
         fast_path: for diagonal guides, replay the step's particle loop as a traced graph
-            (:mod:`pyro_scorevi.fast_path`). ``None`` (default) traces after 100 eager steps
-            and uses the graph where a one-time check shows it reproduces the eager step
-            exactly; ``True`` traces at the first step and raises if it cannot; ``"compile"``
+            (:mod:`pyro_scorevi.fast_path`). ``False`` (default, and ``None``) never traces:
+            every step calls the model as ``SVI.step`` does. ``True`` (opt-in: it assumes a
+            static model that reads no rebound global) traces at the first step, checks once
+            that the graph reproduces the eager step and raises if it cannot; ``"compile"``
             also compiles the graph with ``torch.compile`` (tens of seconds once, then fused
-            kernels: for long runs); ``False`` never traces. Distributed steps stay eager.
+            kernels: for long runs). Distributed steps stay eager.
         average_after: for diagonal guides, keep the running mean of the iterates
             :math:`(m_t, s_t^2)` after this many steps (Polyak-Ruppert averaging), which
             removes the mini-batch noise of late iterates at the optimal rate; use
