@@ -323,3 +323,76 @@ def test_scales_reach_the_mean_field_width_once_the_loss_has_stopped_falling():
     figures = problem.evaluate(loc, scale, seed=0)
     assert figures["log_sd_bias"] > -0.75
     assert figures["mean_z_rmse"] < 0.35
+
+
+@pytest.mark.parametrize("xp_name", ["numpy", "jax.numpy"])
+def test_progress_signal_formulas(xp_name):
+    """The release is 0 while the loss falls by more than ``release_noise`` standard errors of
+    the fast mean, 1 on a flat loss, 0 before ``progress_slow_memory`` accepted steps; the
+    floor decays as tau_r / (tau_r + R); the running means start at the first loss."""
+    import importlib
+
+    from pyro_scorevi.step_rules import cap_release, floor_decay, progress_means
+
+    if xp_name == "jax.numpy":
+        pytest.importorskip("jax")
+    xp = importlib.import_module(xp_name)
+    rule = AdaptiveStep()
+    noise = 4.0  # sigma = 2; standard error of the fast mean 2 / sqrt(20)
+    threshold = rule.release_noise * 2 / math.sqrt(2 * rule.progress_fast_memory)
+
+    def release(fast, slow, steps):
+        return float(cap_release(rule, fast, slow, noise, steps, xp))
+
+    assert release(10.0, 10.0, 200) == 1.0  # flat
+    assert release(10.0, 9.0, 200) == 1.0  # rising
+    assert release(10.0, 10.0 + 2 * threshold, 200) == 0.0  # falling fast
+    assert release(10.0, 10.0 + 0.5 * threshold, 200) == pytest.approx(0.5, rel=1e-5)
+    assert release(10.0, 10.0, rule.progress_slow_memory - 1) == 0.0  # warm-up
+    assert float(cap_release(AdaptiveStep(release_noise=0.0), 1.0, 1.0, 1.0, 500, xp)) == 0.0
+    assert float(floor_decay(rule, 0.0)) == 1.0
+    assert float(floor_decay(rule, rule.floor_memory)) == pytest.approx(0.5)
+    fast, slow = progress_means(rule, xp.nan, xp.nan, 5.0, xp)
+    assert (float(fast), float(slow)) == (5.0, 5.0)
+    fast, slow = progress_means(rule, 5.0, 5.0, 15.0, xp)
+    assert float(fast) == pytest.approx(5.0 + 10.0 / rule.progress_fast_memory)
+    assert float(slow) == pytest.approx(5.0 + 10.0 / rule.progress_slow_memory)
+    with pytest.raises(ValueError, match="progress memories"):
+        AdaptiveStep(progress_fast_memory=100.0, progress_slow_memory=10.0)
+    with pytest.raises(ValueError, match="release_noise"):
+        AdaptiveStep(release_noise=-1.0)
+
+
+def test_adaptive_state_resumes_exactly_after_the_progress_warm_up(tmp_path):
+    """Past ``progress_slow_memory`` accepted steps the release and the floor's decay depend on
+    the running loss means: ``state_dict`` carries them, so a resumed fit continues bit for bit
+    (and the release has indeed moved off 0 on this flat-at-the-end fit)."""
+    from pyro.util import get_rng_state, set_rng_state
+
+    y = torch.randn(200, generator=torch.Generator().manual_seed(3)) + 2.0
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(y), subsample_size=20) as i:
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=y[i])
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    svi = ScoreProximalSVI(model, AutoNormal(model))
+    for _ in range(300):
+        svi.step(y)
+    assert svi.state_dict()["diagonal_state"]["released"] > 0
+    path = tmp_path / "params.pt"
+    pyro.get_param_store().save(path)
+    state, rng = svi.state_dict(), get_rng_state()
+    expected = [svi.step(y) for _ in range(20)]
+    expected_loc = pyro.param("AutoNormal.locs.mu").detach().clone()
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(123)
+    pyro.get_param_store().load(path)
+    resumed = ScoreProximalSVI(model, AutoNormal(model))
+    resumed.load_state_dict(state)
+    set_rng_state(rng)
+    assert [resumed.step(y) for _ in range(20)] == expected
+    assert torch.equal(pyro.param("AutoNormal.locs.mu").detach(), expected_loc)
