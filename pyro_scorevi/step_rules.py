@@ -125,9 +125,11 @@ class AdaptiveStep:
     #: On a network trained from scratch the per-coordinate signs are noise from step ~100 on
     #: (median agreement 1e-3 on the digits ViT), yet the sum of the steps still makes progress,
     #: as SGD's does; without a floor the rate fell to about 5e-4 and the ViT learned on one
-    #: seed of three (accuracy 0.18-0.64). With 0.01 it learns on all three, the MLP's NLL falls
-    #: from 0.156 to 0.129 and logreg's mean error from 0.37 to 0.22 sd; the posterior suite
-    #: passes the same 11 of 14 (``docs/algorithm_sweeps.md``, "The means' rate floor").
+    #: seed of three (accuracy 0.18-0.64). With 0.01 (and the decay of ``floor_memory``) it
+    #: learns on all three in NumPyro, the MLP's NLL falls from 0.156 to 0.135 and logreg's mean
+    #: error from 0.34 to 0.21 sd (3 seeds, NumPyro, ``docs/results.md``); the posterior suite
+    #: passes the same 11 of 14 (``docs/algorithm_sweeps.md``, "The means' floor and the
+    #: progress signal").
     mean_rate_floor: float = 0.01
     momentum: float = 0.0
     #: 4: the cap on the scales (``scale_to_mean_rate``) is lifted by a loss that has stopped
@@ -137,9 +139,9 @@ class AdaptiveStep:
     release_noise: float = 4.0
     progress_fast_memory: float = 10.0
     progress_slow_memory: float = 100.0
-    #: 300: a subsampled regression (N/B = 47) ends within 0.3 posterior sds (1.0-1.3 with the
+    #: 300: a subsampled regression (N/B = 47) ends within 0.3 posterior sds (0.4-1.3 with the
     #: floor never decaying, 0.2 with 100) and logreg's mean error is 0.21 sd (0.29 with 100,
-    #: 0.17 never decaying).
+    #: 0.15 never decaying; ``docs/algorithm_sweeps.md``).
     floor_memory: float = 300.0
     initial_mean_radius: float = 1.0
     #: 1e4 sds: a coefficient 1000s of posterior sds from its start (raw-scale predictors)

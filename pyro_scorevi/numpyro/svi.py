@@ -588,17 +588,11 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
     revert = st.has_backup & (~finite | (loss > st.backup_loss + tolerance))
     release = cap_release(rule, st.loss_fast, st.loss_slow, st.loss_noise, state.step, jnp)
     release = release.astype(dtype)
+    decay = floor_decay(rule, st.released)  # one scalar for every site
     new_locs, new_scales, new_rates = {}, {}, {}
     for k in locs:
         new_locs[k], new_scales[k], new_rates[k], _ = adaptive_update(
-            locs[k],
-            scales[k],
-            stats[k],
-            st.rates[k],
-            st.trust,
-            rule,
-            release,
-            floor_decay(rule, st.released),
+            locs[k], scales[k], stats[k], st.rates[k], st.trust, rule, release, decay
         )
     accepted = ~revert & finite & _all_finite((new_locs, new_scales))
     out_locs = _select(accepted, new_locs, _select(revert, st.backup_locs, locs))
@@ -608,6 +602,7 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
         jnp.minimum(1.0, st.trust * rule.recovery),
         jnp.maximum(MIN_TRUST, st.trust * rule.backoff),
     ).astype(dtype)
+    fast, slow = progress_means(rule, st.loss_fast, st.loss_slow, loss, jnp)
     sample = 0.9 * st.loss_noise + 0.1 * 0.5 * jnp.square(loss - st.backup_loss)
     new_rule = AdaptiveState(
         _select(accepted, new_rates, st.rates),
@@ -622,13 +617,8 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
             # No noise sample yet: 25% of the loss, as the torch core.
             jnp.where(accepted & (state.step == 0), jnp.square(0.25 * loss), st.loss_noise),
         ).astype(dtype),
-        *(
-            jnp.where(accepted, new, old).astype(dtype)
-            for new, old in zip(
-                progress_means(rule, st.loss_fast, st.loss_slow, loss, jnp),
-                (st.loss_fast, st.loss_slow),
-            )
-        ),
+        jnp.where(accepted, fast, st.loss_fast).astype(dtype),
+        jnp.where(accepted, slow, st.loss_slow).astype(dtype),
         jnp.where(accepted, st.released + release, st.released).astype(dtype),
     )
     params = family.with_locs_scales(state.params, out_locs, out_scales)
