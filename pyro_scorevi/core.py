@@ -34,6 +34,8 @@ from pyro_scorevi.step_rules import (
     StepRule,
     cap_release,
     floor_decay,
+    initial_noise,
+    noise_average,
     progress_means,
 )
 
@@ -146,12 +148,11 @@ def update(
     if not bool(torch.isfinite(new_loc).all() & torch.isfinite(new_scale).all()):
         return _rejected(state, loss, rule)
     noise = state.loss_noise
-    if state.backup_loc is not None:  # two accepted losses in a row: one noise sample
-        noise = 0.9 * noise + 0.1 * 0.5 * (loss - state.backup_loss) ** 2
-    elif state.step == 0:
-        # No noise sample yet: start from 25% of the loss (the EMA forgets it within tens of
-        # steps), so that the first steps of a small model are not reverted for noise alone.
-        noise = (0.25 * loss) ** 2
+    with np.errstate(over="ignore", invalid="ignore"):
+        if state.backup_loc is not None:  # two accepted losses in a row: one noise sample
+            noise = float(noise_average(noise, loss, state.backup_loss, np))
+        elif state.step == 0:  # no noise sample yet
+            noise = float(initial_noise(loss, np))
     fast, slow = (
         float(v) for v in progress_means(rule, state.loss_fast, state.loss_slow, loss, np)
     )

@@ -30,6 +30,8 @@ __all__ = [
     "StepRule",
     "cap_release",
     "floor_decay",
+    "initial_noise",
+    "noise_average",
     "progress_means",
     "resolve_step_rule",
 ]
@@ -304,6 +306,23 @@ def progress_means(rule: AdaptiveStep, fast: Any, slow: Any, loss: Any, xp):
     fast = xp.where(first, loss, fast + (loss - fast) / rule.progress_fast_memory)
     slow = xp.where(first, loss, slow + (loss - slow) / rule.progress_slow_memory)
     return fast, slow
+
+
+def noise_average(noise: Any, loss: Any, previous: Any, xp):
+    """The running variance of the loss's step-to-step noise after two accepted losses in a
+    row: :math:`0.9\\,v + 0.1\\,(L_t - L_{t-1})^2/2`. A sample that overflows (float32 losses of
+    order 1e19 and more: a steep model far from its mode) is skipped: an infinite variance
+    never decays, and it would switch the revert test off for the rest of the fit."""
+    sample = 0.5 * xp.square(loss - previous)
+    return xp.where(xp.isfinite(sample), 0.9 * noise + 0.1 * sample, noise)
+
+
+def initial_noise(loss: Any, xp):
+    """The variance before any noise sample: :math:`(L_0/4)^2`, so that the first steps of a
+    small model are not reverted for noise alone (the average forgets it within tens of
+    steps); 0 where that overflows (:func:`noise_average`)."""
+    sample = xp.square(0.25 * loss)
+    return xp.where(xp.isfinite(sample), sample, 0.0)
 
 
 def resolve_step_rule(

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import warnings
 from collections import namedtuple
 from collections.abc import Callable
 from functools import partial
@@ -80,6 +81,8 @@ from pyro_scorevi.step_rules import (
     StepRule,
     cap_release,
     floor_decay,
+    initial_noise,
+    noise_average,
     progress_means,
 )
 
@@ -188,6 +191,25 @@ class ScoreProximalRunResult(namedtuple("ScoreProximalRunResult", ["params", "st
 
 #: Consecutive rejected steps after which a fit is reported stuck (as the Pyro class).
 STUCK_AFTER = 100
+
+
+def _warn_if_failing(result: ScoreProximalRunResult, rejected: int, num_steps: int) -> None:
+    """One ``RuntimeWarning`` after :meth:`ScoreProximalSVI.run` when the fit is stuck or
+    rejected most of its steps (``update`` inside ``lax.scan`` cannot warn per step)."""
+    if not (result.stuck or 2 * rejected > num_steps):
+        return
+    warnings.warn(
+        f"ScoreProximalSVI.run rejected {rejected} of {num_steps} steps"
+        + (f" (the last {STUCK_AFTER} or more in a row: the fit is stuck)" if result.stuck else "")
+        + ": at the guide's draws the model's scores were not finite, or the -ELBO estimate was "
+        "sharply worse than the previous iterate's. "
+        "A common cause is NumPyro's default init_to_uniform on a steep model (an exp link on "
+        "raw-scale inputs overflows float32); start from AutoNormal(model, "
+        "init_loc_fn=init_to_feasible), or enable float64 (numpyro.enable_x64()). See 'Far "
+        "from the mode' in docs/pitfalls.md.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _as_numpyro_optim(optim: Any, name: str = "inner_optim") -> _NumPyroOptim:
@@ -603,7 +625,7 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
         jnp.maximum(MIN_TRUST, st.trust * rule.backoff),
     ).astype(dtype)
     fast, slow = progress_means(rule, st.loss_fast, st.loss_slow, loss, jnp)
-    sample = 0.9 * st.loss_noise + 0.1 * 0.5 * jnp.square(loss - st.backup_loss)
+    sample = noise_average(st.loss_noise, loss, st.backup_loss, jnp)
     new_rule = AdaptiveState(
         _select(accepted, new_rates, st.rates),
         trust,
@@ -615,7 +637,7 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
             accepted & st.has_backup,
             sample,
             # No noise sample yet: 25% of the loss, as the torch core.
-            jnp.where(accepted & (state.step == 0), jnp.square(0.25 * loss), st.loss_noise),
+            jnp.where(accepted & (state.step == 0), initial_noise(loss, jnp), st.loss_noise),
         ).astype(dtype),
         jnp.where(accepted, fast, st.loss_fast).astype(dtype),
         jnp.where(accepted, slow, st.loss_slow).astype(dtype),
@@ -915,6 +937,7 @@ class ScoreProximalSVI:
             state = self.init(rng_key, *args, init_params=init_params, **kwargs)
         else:
             state = init_state
+        rejected_before = int(state.num_rejected)
         if progress_bar:
             losses = []
             jitted = jax.jit(body_fn)
@@ -938,4 +961,6 @@ class ScoreProximalSVI:
         else:
             state, losses = lax.scan(body_fn, state, None, length=num_steps)
         logger.debug("ScoreProximalSVI.run: %d steps done", num_steps)
-        return ScoreProximalRunResult(self.get_params(state), state, losses)
+        result = ScoreProximalRunResult(self.get_params(state), state, losses)
+        _warn_if_failing(result, int(state.num_rejected) - rejected_before, num_steps)
+        return result
