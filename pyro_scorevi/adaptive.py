@@ -16,7 +16,14 @@ import torch
 from pyro_scorevi.proximal import ScoreStatistics, diagonal_proximal_update
 from pyro_scorevi.step_rules import AdaptiveStep
 
-__all__ = ["RateState", "init_rates", "adaptive_update", "scale_bounds", "step_directions"]
+__all__ = [
+    "RateState",
+    "init_rates",
+    "adaptive_update",
+    "scale_bounds",
+    "step_directions",
+    "variance_ratio",
+]
 
 
 class RateState(NamedTuple):
@@ -73,6 +80,26 @@ def step_directions(
     # -cross / spread > 1 / w  <=>  -cross * w > spread (no division, no log).
     precision_direction = torch.where(-cross * w > spread, 1.0, -1.0).to(scale.dtype)
     return mean_direction, precision_direction
+
+
+def variance_ratio(
+    scale: torch.Tensor,
+    stats: ScoreStatistics,
+    rule: AdaptiveStep,
+    release: torch.Tensor | float,
+) -> torch.Tensor:
+    """The factor of the mean's step: :math:`1 + (\\operatorname{clip}(\\hat v/s^2, 1, M) - 1)
+    (1 - \\text{release})`, :math:`\\hat v = \\mathrm{Var}\\,\\delta / (-\\mathrm{Cov}(\\delta,
+    \\hat g))` (:math:`M` where the covariance is not negative: no positive curvature seen),
+    :math:`M` = ``max_variance_ratio``."""
+    limit = rule.max_variance_ratio
+    spread = stats.mean_sq_offset - stats.mean_offset.square()
+    curvature = stats.mean_offset * stats.mean_score - stats.mean_offset_score
+    curved = curvature > 0
+    # v / s^2 = spread / (curvature s^2), clamped to [1, M]; a huge or infinite quotient is M.
+    quotient = spread / (torch.where(curved, curvature, 1.0) * scale.square())
+    ratio = torch.where(curved, quotient.nan_to_num(limit, limit, 1.0), limit).clamp(1.0, limit)
+    return 1 + (ratio - 1) * (1 - release)
 
 
 def _trend(trend, memory, direction, min_memory, max_memory):
@@ -147,7 +174,11 @@ def adaptive_update(
     # The trust region, in units of the narrower of q_t and q_{t+1}.
     # Heavy-ball momentum where the mean's steps agree (a ridge of a correlated posterior, which
     # coordinate-wise steps otherwise crawl along); off where they turn.
-    mean_step = proposed_loc - loc + rule.momentum * mean_agreement * rates.last_mean_step
+    # While the loss falls, a Newton step in the larger of the guide's variance and the draws'
+    # estimate of the target's (at most max_variance_ratio times): scales held back by the cap
+    # (a network early on) no longer slow their means down.
+    proposed_step = (proposed_loc - loc) * variance_ratio(scale, stats, rule, release)
+    mean_step = proposed_step + rule.momentum * mean_agreement * rates.last_mean_step
     log_scale_step = torch.log(proposed_scale / scale)
     mean_radius = _radius(
         rates.mean_radius,

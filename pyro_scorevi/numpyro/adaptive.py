@@ -15,7 +15,14 @@ import jax.numpy as jnp
 from pyro_scorevi.numpyro.proximal import ScoreStatistics, diagonal_proximal_update
 from pyro_scorevi.step_rules import AdaptiveStep
 
-__all__ = ["RateState", "init_rates", "adaptive_update", "scale_bounds", "step_directions"]
+__all__ = [
+    "RateState",
+    "init_rates",
+    "adaptive_update",
+    "scale_bounds",
+    "step_directions",
+    "variance_ratio",
+]
 
 
 class RateState(NamedTuple):
@@ -57,6 +64,20 @@ def step_directions(scale: jax.Array, stats: ScoreStatistics) -> tuple[jax.Array
     cross = stats.mean_offset_score - stats.mean_offset * stats.mean_score
     precision_direction = jnp.where(-cross * w > spread, 1.0, -1.0).astype(scale.dtype)
     return mean_direction, precision_direction
+
+
+def variance_ratio(
+    scale: jax.Array, stats: ScoreStatistics, rule: AdaptiveStep, release: jax.Array | float
+) -> jax.Array:
+    """The factor of the mean's step (see the torch mirror)."""
+    limit = rule.max_variance_ratio
+    spread = stats.mean_sq_offset - jnp.square(stats.mean_offset)
+    curvature = stats.mean_offset * stats.mean_score - stats.mean_offset_score
+    curved = curvature > 0
+    quotient = spread / (jnp.where(curved, curvature, 1.0) * jnp.square(scale))
+    quotient = jnp.nan_to_num(quotient, nan=limit, posinf=limit, neginf=1.0)
+    ratio = jnp.clip(jnp.where(curved, quotient, limit), 1.0, limit)
+    return 1 + (ratio - 1) * (1 - release)
 
 
 def _trend(trend, memory, direction, min_memory, max_memory):
@@ -113,7 +134,8 @@ def adaptive_update(
     )
     # Heavy-ball momentum where the mean's steps agree (a ridge of a correlated posterior, which
     # coordinate-wise steps otherwise crawl along); off where they turn.
-    mean_step = proposed_loc - loc + rule.momentum * mean_agreement * rates.last_mean_step
+    proposed_step = (proposed_loc - loc) * variance_ratio(scale, stats, rule, release)  # as torch
+    mean_step = proposed_step + rule.momentum * mean_agreement * rates.last_mean_step
     log_scale_step = jnp.log(proposed_scale / scale)
     mean_radius = _radius(
         rates.mean_radius,
