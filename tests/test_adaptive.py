@@ -465,3 +465,45 @@ def test_numpyro_overflowing_start_warns_and_init_to_feasible_fits():
         mean = np.asarray(site["mean"], float).ravel()
         errors.append(np.abs(loc - mean) / np.asarray(site["sd"], float).ravel())
     assert np.concatenate(errors).mean() < 1.0  # 0.17-0.30 sd over seeds 0-2
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_variance_ratio_is_the_stein_estimate_of_the_target_variance(backend):
+    """On a Gaussian target the draws' Stein estimate Var(delta) / -Cov(delta, g) is the
+    target's variance exactly, so the mean's step factor is clip(v / s^2, 1, M) while the loss
+    falls, 1 once it has stopped (release 1), halfway at release 1/2, and M where no positive
+    curvature is seen."""
+    target_var = np.array([0.5, 1e-4, 2.0, 1.0])  # v / s^2 = 50, 0.01, 200, (flat)
+    scale = np.full(4, 0.1)
+    z = np.array([0.7, -1.3, 0.4, 1.1])
+    offsets = np.stack([scale * z, -scale * z])
+    scores = -(offsets - np.array([1.0, -2.0, 0.5, 0.0])) / target_var  # loc 0
+    scores[:, 3] = 0.3  # a constant score: no curvature seen
+    if backend == "torch":
+        from pyro_scorevi.adaptive import variance_ratio
+        from pyro_scorevi.proximal import score_statistics
+
+        as_array = torch.tensor
+    else:
+        pytest.importorskip("jax")
+        import jax.numpy as jnp
+
+        from pyro_scorevi.numpyro.adaptive import variance_ratio
+        from pyro_scorevi.numpyro.proximal import score_statistics
+
+        as_array = jnp.asarray
+    stats = score_statistics(as_array(offsets), as_array(scores))
+
+    limit = AdaptiveStep().max_variance_ratio
+
+    def ratio(release, rule=AdaptiveStep()):  # noqa: B008 (a frozen dataclass)
+        return np.asarray(variance_ratio(as_array(scale), stats, rule, release))
+
+    expected = np.array([limit, 1.0, limit, limit])
+    np.testing.assert_allclose(ratio(0.0), expected, rtol=1e-5)
+    np.testing.assert_allclose(ratio(1.0), np.ones(4), rtol=1e-6)
+    np.testing.assert_allclose(ratio(0.5), 1 + (expected - 1) / 2, rtol=1e-5)
+    wide = AdaptiveStep(max_variance_ratio=100.0)  # 50 lies inside [1, 100]
+    np.testing.assert_allclose(ratio(0.0, wide), [50.0, 1.0, 100.0, 100.0], rtol=1e-4)
+    with pytest.raises(ValueError, match="max_variance_ratio"):
+        AdaptiveStep(max_variance_ratio=0.5)
