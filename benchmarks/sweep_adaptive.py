@@ -29,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 #: One-at-a-time changes from the default rule (the first row is the default).
 CONFIGS: dict[str, dict] = {
     "default": {},
-    "mean_rate_floor=0 (before)": {"mean_rate_floor": 0.0},
+    "max_variance_ratio=1 (before)": {"max_variance_ratio": 1.0},
+    "max_variance_ratio=10": {"max_variance_ratio": 10.0},
+    "mean_rate_floor=0": {"mean_rate_floor": 0.0},
     "mean_rate_floor=0.003": {"mean_rate_floor": 0.003},
     "mean_rate_floor=0.03": {"mean_rate_floor": 0.03},
     "scale_to_mean_rate=1": {"scale_to_mean_rate": 1.0},
