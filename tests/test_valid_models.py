@@ -1198,7 +1198,11 @@ def test_pattern_plate_size_changes_between_steps(engine):
         svi = ScoreProximalSVI(model, guide)
     else:
         svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 0.1, "lrd": 0.99}), Trace_ELBO())
-    for t in range(400):
+    # 1000 steps for the score engine: with the means' metric (max_variance_ratio) the means
+    # reach the mode sooner and the scales' cap holds the scales longer; measured over seeds
+    # 0-5, sd ratio 0.78-0.90 after 400 steps (0.84-0.99 without the metric) and 0.975-0.99
+    # after 1000. A wrong N/B per step would bias the sd at any budget.
+    for t in range(1000 if engine == "score" else 400):
         assert math.isfinite(svi.step(_Y, 4 if t % 2 else 6))
     # N/B = 2 or 3: mini-batch noise, so twice the usual mean tolerance.
     _check_loc(guide, engine, *_conjugate(_Y), mean_tol=0.5 if engine == "score" else 1.2)
