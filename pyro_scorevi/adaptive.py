@@ -171,13 +171,12 @@ def adaptive_update(
         rule.num_alternations,
         scale_prox_weight=4 / scale_rate - 4,
     )
-    # The trust region, in units of the narrower of q_t and q_{t+1}.
-    # Heavy-ball momentum where the mean's steps agree (a ridge of a correlated posterior, which
-    # coordinate-wise steps otherwise crawl along); off where they turn.
     # While the loss falls, a Newton step in the larger of the guide's variance and the draws'
     # estimate of the target's (at most max_variance_ratio times): scales held back by the cap
     # (a network early on) no longer slow their means down.
     proposed_step = (proposed_loc - loc) * variance_ratio(scale, stats, rule, release)
+    # Heavy-ball momentum where the mean's steps agree (a ridge of a correlated posterior, which
+    # coordinate-wise steps otherwise crawl along); off where they turn.
     mean_step = proposed_step + rule.momentum * mean_agreement * rates.last_mean_step
     log_scale_step = torch.log(proposed_scale / scale)
     mean_radius = _radius(
@@ -188,6 +187,7 @@ def adaptive_update(
         rule.max_mean_radius,
         rule.min_mean_radius,
     )
+    # The trust region, in units of the narrower of q_t and q_{t+1}.
     bound = trust * mean_radius * torch.minimum(scale, proposed_scale)
     mean_step = torch.maximum(torch.minimum(mean_step, bound), -bound)
     log_bound = trust * rule.max_log_scale_step

@@ -7,8 +7,9 @@ log-precision by :math:`\\eta_s = 4/(\\lambda_s + 4)` of its Stein target, so th
 weights are inverse rates.
 
 * :class:`AdaptiveStep` (the default): per-coordinate rates that follow the agreement of
-  successive step directions, a per-coordinate trust region, bounded scales and
-  revert-and-retry on a failed step. Nothing to tune.
+  successive step directions, Newton steps in the draws' estimate of the target's variance
+  while the loss falls, a per-coordinate trust region, bounded scales and revert-and-retry on
+  a failed step. Nothing to tune.
 * :class:`FixedStep`: the paper's step with a fixed weight :math:`\\lambda` (or a schedule), the
   behaviour of ``prox_weight=`` before the adaptive rule.
 

@@ -132,9 +132,9 @@ def adaptive_update(
         rule.num_alternations,
         scale_prox_weight=4 / scale_rate - 4,
     )
+    proposed_step = (proposed_loc - loc) * variance_ratio(scale, stats, rule, release)  # as torch
     # Heavy-ball momentum where the mean's steps agree (a ridge of a correlated posterior, which
     # coordinate-wise steps otherwise crawl along); off where they turn.
-    proposed_step = (proposed_loc - loc) * variance_ratio(scale, stats, rule, release)  # as torch
     mean_step = proposed_step + rule.momentum * mean_agreement * rates.last_mean_step
     log_scale_step = jnp.log(proposed_scale / scale)
     mean_radius = _radius(
