@@ -73,13 +73,7 @@ def step_directions(
     """Signs of the mean's natural-gradient proposal :math:`\\bar\\delta + s^2\\bar g` and of the
     log-precision's Stein proposal :math:`\\log(-\\mathrm{Cov}(\\delta, g)/\\mathrm{Var}\\,\\delta)
     + \\log s^2` (:math:`-1` where the covariance is not negative: the precision falls)."""
-    w = scale.square()
-    mean_direction = torch.sign(stats.mean_offset + w * stats.mean_score)
-    spread = stats.mean_sq_offset - stats.mean_offset.square()
-    cross = stats.mean_offset_score - stats.mean_offset * stats.mean_score
-    # -cross / spread > 1 / w  <=>  -cross * w > spread (no division, no log).
-    precision_direction = torch.where(-cross * w > spread, 1.0, -1.0).to(scale.dtype)
-    return mean_direction, precision_direction
+    return _directions(scale.square(), stats, *_moments(stats))
 
 
 def variance_ratio(
@@ -92,12 +86,29 @@ def variance_ratio(
     (1 - \\text{release})`, :math:`\\hat v = \\mathrm{Var}\\,\\delta / (-\\mathrm{Cov}(\\delta,
     \\hat g))` (:math:`M` where the covariance is not negative: no positive curvature seen),
     :math:`M` = ``max_variance_ratio``."""
-    limit = rule.max_variance_ratio
+    return _ratio(scale.square(), *_moments(stats), rule, release)
+
+
+def _moments(stats: ScoreStatistics) -> tuple[torch.Tensor, torch.Tensor]:
+    """:math:`(\\mathrm{Var}\\,\\delta, \\mathrm{Cov}(\\delta, \\hat g))` over the particles."""
     spread = stats.mean_sq_offset - stats.mean_offset.square()
-    curvature = stats.mean_offset * stats.mean_score - stats.mean_offset_score
+    cross = stats.mean_offset_score - stats.mean_offset * stats.mean_score
+    return spread, cross
+
+
+def _directions(w, stats, spread, cross):
+    mean_direction = torch.sign(stats.mean_offset + w * stats.mean_score)
+    # -cross / spread > 1 / w  <=>  -cross * w > spread (no division, no log).
+    precision_direction = torch.where(-cross * w > spread, 1.0, -1.0).to(w.dtype)
+    return mean_direction, precision_direction
+
+
+def _ratio(w, spread, cross, rule, release):
+    limit = rule.max_variance_ratio
+    curvature = -cross
     curved = curvature > 0
     # v / s^2 = spread / (curvature s^2), clamped to [1, M]; a huge or infinite quotient is M.
-    quotient = spread / (torch.where(curved, curvature, 1.0) * scale.square())
+    quotient = spread / (torch.where(curved, curvature, 1.0) * w)
     ratio = torch.where(curved, quotient.nan_to_num(limit, limit, 1.0), limit).clamp(1.0, limit)
     return 1 + (ratio - 1) * (1 - release)
 
@@ -135,7 +146,9 @@ def adaptive_update(
         ``(new_loc, new_scale, new_rates, mean_rate)``; ``mean_rate`` is the per-coordinate
         :math:`\\eta_m` used (a diagnostic).
     """
-    mean_direction, precision_direction = step_directions(scale, stats)
+    w = scale.square()
+    spread, cross = _moments(stats)
+    mean_direction, precision_direction = _directions(w, stats, spread, cross)
     mean_trend, mean_memory, mean_agreement = _trend(
         rates.mean_trend, rates.mean_memory, mean_direction, rule.min_memory, rule.max_memory
     )
@@ -154,7 +167,7 @@ def adaptive_update(
     # antithetic pairs) has no noise to wait for: its scale is not capped. A flat direction
     # (every score exactly 0, no curvature information either) stays capped, so its scale does
     # not drift to the bound.
-    informed = stats.mean_offset_score - stats.mean_offset * stats.mean_score != 0
+    informed = cross != 0
     # Once the loss has stopped falling (release -> 1) the cap follows the floored mean rate:
     # scales that the sign noise at the mode held back can reach the optimum's.
     cap_rate = mean_rate.clamp_min(release * trust * rule.mean_rate_floor)
@@ -174,10 +187,13 @@ def adaptive_update(
     # While the loss falls, a Newton step in the larger of the guide's variance and the draws'
     # estimate of the target's (at most max_variance_ratio times): scales held back by the cap
     # (a network early on) no longer slow their means down.
-    proposed_step = (proposed_loc - loc) * variance_ratio(scale, stats, rule, release)
+    mean_step = proposed_loc - loc
+    if not (rule.max_variance_ratio == 1 or (isinstance(release, float) and release >= 1)):
+        mean_step = mean_step * _ratio(w, spread, cross, rule, release)
     # Heavy-ball momentum where the mean's steps agree (a ridge of a correlated posterior, which
     # coordinate-wise steps otherwise crawl along); off where they turn.
-    mean_step = proposed_step + rule.momentum * mean_agreement * rates.last_mean_step
+    if rule.momentum:
+        mean_step = mean_step + rule.momentum * mean_agreement * rates.last_mean_step
     log_scale_step = torch.log(proposed_scale / scale)
     mean_radius = _radius(
         rates.mean_radius,

@@ -58,23 +58,33 @@ def scale_bounds(dtype) -> tuple[float, float]:
 
 def step_directions(scale: jax.Array, stats: ScoreStatistics) -> tuple[jax.Array, jax.Array]:
     """Signs of the mean's and the log-precision's proposals (see the torch mirror)."""
-    w = jnp.square(scale)
-    mean_direction = jnp.sign(stats.mean_offset + w * stats.mean_score)
-    spread = stats.mean_sq_offset - jnp.square(stats.mean_offset)
-    cross = stats.mean_offset_score - stats.mean_offset * stats.mean_score
-    precision_direction = jnp.where(-cross * w > spread, 1.0, -1.0).astype(scale.dtype)
-    return mean_direction, precision_direction
+    return _directions(jnp.square(scale), stats, *_moments(stats))
 
 
 def variance_ratio(
     scale: jax.Array, stats: ScoreStatistics, rule: AdaptiveStep, release: jax.Array | float
 ) -> jax.Array:
     """The factor of the mean's step (see the torch mirror)."""
-    limit = rule.max_variance_ratio
+    return _ratio(jnp.square(scale), *_moments(stats), rule, release)
+
+
+def _moments(stats: ScoreStatistics) -> tuple[jax.Array, jax.Array]:
     spread = stats.mean_sq_offset - jnp.square(stats.mean_offset)
-    curvature = stats.mean_offset * stats.mean_score - stats.mean_offset_score
+    cross = stats.mean_offset_score - stats.mean_offset * stats.mean_score
+    return spread, cross
+
+
+def _directions(w, stats, spread, cross):
+    mean_direction = jnp.sign(stats.mean_offset + w * stats.mean_score)
+    precision_direction = jnp.where(-cross * w > spread, 1.0, -1.0).astype(w.dtype)
+    return mean_direction, precision_direction
+
+
+def _ratio(w, spread, cross, rule, release):
+    limit = rule.max_variance_ratio
+    curvature = -cross
     curved = curvature > 0
-    quotient = spread / (jnp.where(curved, curvature, 1.0) * jnp.square(scale))
+    quotient = spread / (jnp.where(curved, curvature, 1.0) * w)
     quotient = jnp.nan_to_num(quotient, nan=limit, posinf=limit, neginf=1.0)
     ratio = jnp.clip(jnp.where(curved, quotient, limit), 1.0, limit)
     return 1 + (ratio - 1) * (1 - release)
@@ -106,7 +116,9 @@ def adaptive_update(
     """One adaptive closed-form step; returns ``(new_loc, new_scale, new_rates, mean_rate)``."""
     dtype = scale.dtype
     trust = jnp.asarray(trust, dtype)
-    mean_direction, precision_direction = step_directions(scale, stats)
+    w = jnp.square(scale)
+    spread, cross = _moments(stats)
+    mean_direction, precision_direction = _directions(w, stats, spread, cross)
     mean_trend, mean_memory, mean_agreement = _trend(
         rates.mean_trend, rates.mean_memory, mean_direction, rule.min_memory, rule.max_memory
     )
@@ -119,7 +131,7 @@ def adaptive_update(
     scale_rate = jnp.clip(
         trust * rule.max_scale_rate * scale_agreement, rule.min_rate, rule.max_scale_rate
     )
-    informed = stats.mean_offset_score - stats.mean_offset * stats.mean_score != 0
+    informed = cross != 0
     cap_rate = jnp.maximum(mean_rate, release * trust * rule.mean_rate_floor)  # as torch
     capped = jnp.minimum(scale_rate, rule.scale_to_mean_rate * cap_rate)
     scale_rate = jnp.where((mean_direction == 0) & informed, scale_rate, capped)  # as torch
@@ -132,10 +144,13 @@ def adaptive_update(
         rule.num_alternations,
         scale_prox_weight=4 / scale_rate - 4,
     )
-    proposed_step = (proposed_loc - loc) * variance_ratio(scale, stats, rule, release)  # as torch
+    mean_step = proposed_loc - loc
+    if rule.max_variance_ratio != 1:  # as torch (release is traced here)
+        mean_step = mean_step * _ratio(w, spread, cross, rule, release)
     # Heavy-ball momentum where the mean's steps agree (a ridge of a correlated posterior, which
     # coordinate-wise steps otherwise crawl along); off where they turn.
-    mean_step = proposed_step + rule.momentum * mean_agreement * rates.last_mean_step
+    if rule.momentum:
+        mean_step = mean_step + rule.momentum * mean_agreement * rates.last_mean_step
     log_scale_step = jnp.log(proposed_scale / scale)
     mean_radius = _radius(
         rates.mean_radius,
