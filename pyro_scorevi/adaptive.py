@@ -17,8 +17,12 @@ from pyro_scorevi.proximal import ScoreStatistics, diagonal_proximal_update
 from pyro_scorevi.step_rules import AdaptiveStep
 
 __all__ = [
+    "CurvatureState",
     "RateState",
+    "dense_mean_score",
+    "init_curvature",
     "init_rates",
+    "update_curvature",
     "adaptive_update",
     "scale_bounds",
     "step_directions",
@@ -57,6 +61,75 @@ def init_rates(loc: torch.Tensor, rule: AdaptiveStep) -> RateState:
         torch.full_like(loc, rule.initial_mean_radius),
         zeros.clone(),
     )
+
+
+class CurvatureState(NamedTuple):
+    """The running curvature of a small guide (``AdaptiveStep.dense_max_dim``).
+
+    Attributes:
+        cross: running mean of the step's :math:`\\mathrm{Cov}(\\hat g, \\delta)`, ``(d, d)``
+            (row: score, column: offset).
+        spread: running mean of the step's :math:`\\mathrm{Cov}(\\delta)`, ``(d, d)``.
+        count: the steps averaged so far (a float).
+    """
+
+    cross: torch.Tensor
+    spread: torch.Tensor
+    count: float
+
+
+def init_curvature(loc: torch.Tensor) -> CurvatureState:
+    """Empty running moments for the flat ``loc`` of ``d`` coordinates."""
+    d = loc.numel()
+    zeros = loc.new_zeros((d, d))
+    return CurvatureState(zeros, zeros.clone(), 0.0)
+
+
+def update_curvature(
+    curvature: CurvatureState, moments: torch.Tensor, stats: ScoreStatistics, rule: AdaptiveStep
+) -> CurvatureState:
+    """Adds one finite step: ``moments`` stacks the particle means of :math:`\\hat g\\delta^\\top`
+    and :math:`\\delta\\delta^\\top`, ``(2d, d)``, centred here with the step's means."""
+    d = moments.shape[-1]
+    cross = moments[:d] - torch.outer(stats.mean_score, stats.mean_offset)
+    spread = moments[d:] - torch.outer(stats.mean_offset, stats.mean_offset)
+    count = curvature.count + 1
+    weight = 1.0 / min(count, rule.dense_memory_steps(d))
+    return CurvatureState(
+        curvature.cross + weight * (cross - curvature.cross),
+        curvature.spread + weight * (spread - curvature.spread),
+        count,
+    )
+
+
+def dense_mean_score(
+    curvature: CurvatureState, scale: torch.Tensor, mean_score: torch.Tensor, rule: AdaptiveStep
+) -> torch.Tensor | None:
+    """The mean's score in the dense metric, :math:`D^{-1/2}V\\Lambda^{-1}V^\\top D^{1/2}\\bar g`
+    (see :class:`~pyro_scorevi.step_rules.AdaptiveStep`, ``dense_max_dim``); ``None`` until
+    the memory is full or where the solve is not finite (the step keeps :math:`\\bar g`)."""
+    d = mean_score.numel()
+    if curvature.count < rule.dense_memory_steps(d):
+        return None
+    spread = curvature.spread
+    # A ridge's Cov(delta) is full rank only on average: 1e-3 of its diagonal regularises it.
+    jitter = torch.diag(1e-3 * spread.diagonal() + torch.finfo(spread.dtype).tiny ** 0.5)
+    hessian = -torch.linalg.solve(spread + jitter, curvature.cross.T).T  # -C_gd C_dd^-1
+    root = scale  # D^{1/2} = diag(s)
+    hessian = 0.5 * (hessian + hessian.T)
+    # Coordinates with no positive curvature seen (a flat latent, exact zero scores) keep the
+    # guide's own metric, uncoupled: noise in their cross moments must not move them.
+    curved = hessian.diagonal() > 0
+    hessian = torch.where(curved[:, None] & curved[None, :], hessian, 0.0)
+    whitened = root[:, None] * hessian * root[None, :]
+    eigenvalues, vectors = torch.linalg.eigh(whitened)
+    floor = rule.dense_min_eigenvalue
+    eigenvalues = torch.where(
+        eigenvalues > floor, eigenvalues, torch.where(eigenvalues > 0, floor, 1.0)
+    )
+    score = vectors @ ((vectors.T @ (root * mean_score)) / eigenvalues) / root
+    score = torch.where(curved, score, mean_score)
+    return score if bool(torch.isfinite(score).all()) else None
 
 
 def scale_bounds(dtype: torch.dtype) -> tuple[float, float]:
@@ -137,10 +210,13 @@ def adaptive_update(
     rule: AdaptiveStep,
     release: torch.Tensor | float = 0.0,
     floor_decay: torch.Tensor | float = 1.0,
+    variance_ratio: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, RateState, torch.Tensor]:
     """One adaptive closed-form step from the frozen ``(loc, scale)``; ``release`` and
     ``floor_decay`` are :func:`~pyro_scorevi.step_rules.cap_release` and
-    :func:`~pyro_scorevi.step_rules.floor_decay` of the loss's progress.
+    :func:`~pyro_scorevi.step_rules.floor_decay` of the loss's progress;
+    ``variance_ratio=False`` leaves the variance ratio out (a guide in the dense metric, whose
+    ``stats.mean_score`` is :func:`dense_mean_score`).
 
     Returns:
         ``(new_loc, new_scale, new_rates, mean_rate)``; ``mean_rate`` is the per-coordinate
@@ -188,7 +264,9 @@ def adaptive_update(
     # estimate of the target's (at most max_variance_ratio times): scales held back by the cap
     # (a network early on) no longer slow their means down.
     mean_step = proposed_loc - loc
-    if not (rule.max_variance_ratio == 1 or (isinstance(release, float) and release >= 1)):
+    if variance_ratio and not (
+        rule.max_variance_ratio == 1 or (isinstance(release, float) and release >= 1)
+    ):
         mean_step = mean_step * _ratio(w, spread, cross, rule, release)
     # Heavy-ball momentum where the mean's steps agree (a ridge of a correlated posterior, which
     # coordinate-wise steps otherwise crawl along); off where they turn.

@@ -26,7 +26,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from pyro_scorevi.adaptive import RateState, adaptive_update, init_rates
+from pyro_scorevi.adaptive import (
+    CurvatureState,
+    RateState,
+    adaptive_update,
+    dense_mean_score,
+    init_curvature,
+    init_rates,
+    update_curvature,
+)
 from pyro_scorevi.proximal import ScoreStatistics, diagonal_proximal_update
 from pyro_scorevi.step_rules import (
     AdaptiveStep,
@@ -39,7 +47,14 @@ from pyro_scorevi.step_rules import (
     progress_means,
 )
 
-__all__ = ["DiagonalState", "StepInfo", "init", "update", "state_from_dict"]
+__all__ = [
+    "DiagonalState",
+    "StepInfo",
+    "init",
+    "update",
+    "state_from_dict",
+    "uses_dense_metric",
+]
 
 
 class DiagonalState(NamedTuple):
@@ -60,6 +75,8 @@ class DiagonalState(NamedTuple):
         loss_fast, loss_slow: running means of the accepted losses (``AdaptiveStep``'s
             progress signal; NaN before the first).
         released: the sum of the cap's ``release`` over the accepted steps.
+        curvature: the :class:`~pyro_scorevi.adaptive.CurvatureState` of a guide in the dense
+            metric (``AdaptiveStep.dense_max_dim``); ``None`` otherwise.
     """
 
     loc: torch.Tensor
@@ -76,6 +93,7 @@ class DiagonalState(NamedTuple):
     loss_fast: float = math.nan
     loss_slow: float = math.nan
     released: float = 0.0
+    curvature: CurvatureState | None = None
 
 
 class StepInfo(NamedTuple):
@@ -98,23 +116,49 @@ def state_from_dict(fields: dict) -> DiagonalState:
     fields = dict(fields)
     if fields["rates"] is not None:
         fields["rates"] = RateState(*fields["rates"])
+    if fields.get("curvature") is not None:
+        fields["curvature"] = CurvatureState(*fields["curvature"])
     return DiagonalState(**fields)
 
 
-def init(loc: torch.Tensor, scale: torch.Tensor, rule: StepRule) -> DiagonalState:
-    """The state at a guide's current ``(loc, scale)``."""
+def init(
+    loc: torch.Tensor, scale: torch.Tensor, rule: StepRule, dense: bool = False
+) -> DiagonalState:
+    """The state at a guide's current ``(loc, scale)``; ``dense``: the guide steps in the dense
+    metric (see :func:`uses_dense_metric`)."""
     rates = init_rates(loc, rule) if isinstance(rule, AdaptiveStep) else None
-    return DiagonalState(loc, scale, rates, 1.0, None, None, math.nan, 0.0, 0, 0, 0)
+    curvature = init_curvature(loc) if dense else None
+    return DiagonalState(
+        loc, scale, rates, 1.0, None, None, math.nan, 0.0, 0, 0, 0, curvature=curvature
+    )
+
+
+def uses_dense_metric(rule: StepRule, dim: int) -> bool:
+    """Whether a diagonal guide of ``dim`` coordinates steps in the dense metric (an
+    ``AdaptiveStep`` with ``dense_max_dim >= dim``)."""
+    return isinstance(rule, AdaptiveStep) and rule.uses_dense_metric(dim)
 
 
 def update(
-    state: DiagonalState, stats: ScoreStatistics, loss: float, rule: StepRule
+    state: DiagonalState,
+    stats: ScoreStatistics,
+    loss: float,
+    rule: StepRule,
+    moments: torch.Tensor | None = None,
 ) -> tuple[DiagonalState, StepInfo]:
-    """One step from ``state``, given the statistics and -ELBO estimate of its iterate."""
+    """One step from ``state``, given the statistics and -ELBO estimate of its iterate.
+
+    ``moments``: the particle means of :math:`\\hat g\\delta^\\top` and
+    :math:`\\delta\\delta^\\top` stacked ``(2d, d)``, for a state with a ``curvature``
+    (the dense metric); a finite step adds them to it, whether it is accepted or reverted.
+    """
     finite_stats = bool(torch.stack([torch.isfinite(s).all() for s in stats]).all())
     finite = finite_stats and math.isfinite(loss)
     if isinstance(rule, FixedStep):
         return _fixed_update(state, stats, loss, finite, rule)
+    dense = state.curvature is not None
+    if dense and finite and moments is not None and bool(torch.isfinite(moments).all()):
+        state = state._replace(curvature=update_curvature(state.curvature, moments, stats, rule))
     if state.backup_loc is not None:
         tolerance = (
             rule.revert_tolerance * abs(state.backup_loss)
@@ -135,6 +179,10 @@ def update(
     release = float(
         cap_release(rule, state.loss_fast, state.loss_slow, state.loss_noise, state.step, np)
     )
+    if dense:
+        score = dense_mean_score(state.curvature, state.scale, stats.mean_score, rule)
+        if score is not None:
+            stats = stats._replace(mean_score=score)
     new_loc, new_scale, rates, _ = adaptive_update(
         state.loc,
         state.scale,
@@ -144,6 +192,7 @@ def update(
         rule,
         release,
         floor_decay(rule, state.released),
+        variance_ratio=not dense,
     )
     if not bool(torch.isfinite(new_loc).all() & torch.isfinite(new_scale).all()):
         return _rejected(state, loss, rule)

@@ -208,6 +208,7 @@ class ScoreProximalSVI:
         self._family: DiagonalFamily | GaussianFamily | CompositeFamily | None = None
         self._log_joint: LogJoint | None = None
         self._particle_sums: Callable | None = None
+        self._dense = False
         self._warned_fixed_params = False
         self._pending_composite: dict | None = None
 
@@ -384,7 +385,7 @@ class ScoreProximalSVI:
         loc, scale = family.read()
         state = self._state
         if state is None:
-            state = core.init(loc, scale, self.step_rule)
+            state = core.init(loc, scale, self.step_rule, dense=self._dense)
         elif not (torch.equal(loc, state.loc) and torch.equal(scale, state.scale)):
             # The param store was changed from outside (loaded, edited): continue from it, with
             # no backup to revert to.
@@ -408,12 +409,15 @@ class ScoreProximalSVI:
             # A parameter drawn from the guide that the model's own distribution refuses (e.g.
             # a scale that underflowed to 0): a failed step, rejected or reverted, not a crash.
             logger.debug("a particle failed the model's argument validation: %s", error)
-            sums = torch.full((4,) + loc.shape, math.nan, dtype=loc.dtype, device=loc.device)
+            rows = 4 + 2 * loc.numel() if self._dense else 4
+            sums = torch.full((rows,) + loc.shape, math.nan, dtype=loc.dtype, device=loc.device)
             total, params, param_grads = torch.tensor(math.nan), [], []
-        stats = ScoreStatistics(*(sums.detach() / self.num_particles).unbind())
+        means = sums.detach() / self.num_particles
+        stats = ScoreStatistics(*means[:4].unbind())
+        moments = means[4:] if self._dense else None  # the dense metric's (2d, d) moments
         weight = None if active is None else active.weight
         loss = -(total.detach() / self.num_particles + family.entropy(scale, weight))
-        self._state, info = core.update(state, stats, float(loss), self.step_rule)
+        self._state, info = core.update(state, stats, float(loss), self.step_rule, moments)
         if active is not None:
             self._state = scatter_state(full_state, self._state, info, active.index)
         if info.accepted or info.reverted:
@@ -559,6 +563,13 @@ class ScoreProximalSVI:
                         f"AutoDiagonalNormal guides (got {type(self.guide).__name__}); leave it "
                         "out for other guides."
                     )
+            # A small guide steps in the dense metric (AdaptiveStep.dense_max_dim); a guide
+            # with latents local to a subsampled plate updates a different subset each step.
+            self._dense = (
+                isinstance(self._family, DiagonalFamily)
+                and not self._family.has_local
+                and core.uses_dense_metric(self.step_rule, self._family.read()[0].numel())
+            )
             sums = partial(
                 particle_sums,
                 self._log_joint,
@@ -567,6 +578,7 @@ class ScoreProximalSVI:
                 antithetic=self.antithetic,
                 learn_params=self.optim is not None,
                 reduce=_all_reduce_mean if self.distributed else None,
+                dense=self._dense,
             )
             # Opt-in only (it changes what a step means: see fast_path.py). A collective cannot
             # be recorded in a graph: distributed steps stay eager.
@@ -634,6 +646,7 @@ def particle_sums(
     reduce: Callable | None = None,
     active: ActiveSet | None = None,
     subsample: dict | None = None,
+    dense: bool = False,
 ):
     """The particle loop of a diagonal step: ``S`` forward/backward passes of the log joint.
 
@@ -644,9 +657,12 @@ def particle_sums(
     ``reduce`` averages the sums across processes (``distributed=True``). With local latents,
     ``loc``/``scale`` are the ``active`` coordinates, ``subsample`` the plate indices drawn for
     them, and each local score is divided by its :math:`N/B` (the score of the data point's own
-    posterior, not of :math:`N/B` copies of it).
+    posterior, not of :math:`N/B` copies of it). ``dense`` (a flat ``loc`` of ``d``
+    coordinates) appends the sums of :math:`\\hat g\\delta^\\top` and
+    :math:`\\delta\\delta^\\top`: ``(4 + 2d, d)`` (the dense metric's moments).
     """
-    sums = torch.zeros((4,) + loc.shape, dtype=loc.dtype, device=loc.device)
+    rows = 4 + 2 * loc.numel() if dense else 4
+    sums = torch.zeros((rows,) + loc.shape, dtype=loc.dtype, device=loc.device)
     draw = diagonal_sampler(loc, scale, antithetic)
     total, params, param_grads = 0.0, [], None
     for k in range(num_particles):
@@ -661,7 +677,10 @@ def particle_sums(
         if active is not None and active.weight is not None:
             score = score / active.weight
         total = total + value
-        sums = sums + torch.stack([offset, offset * offset, offset * score, score])
+        step = torch.stack([offset, offset * offset, offset * score, score])
+        if dense:
+            step = torch.cat([step, torch.outer(score, offset), torch.outer(offset, offset)])
+        sums = sums + step
         param_grads = _accumulate(param_grads, pgrads)
     if reduce is not None:
         sums, total = reduce(sums, total)

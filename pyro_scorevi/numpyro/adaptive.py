@@ -16,8 +16,12 @@ from pyro_scorevi.numpyro.proximal import ScoreStatistics, diagonal_proximal_upd
 from pyro_scorevi.step_rules import AdaptiveStep
 
 __all__ = [
+    "CurvatureState",
     "RateState",
+    "dense_mean_score",
+    "init_curvature",
     "init_rates",
+    "update_curvature",
     "adaptive_update",
     "scale_bounds",
     "step_directions",
@@ -48,6 +52,68 @@ def init_rates(loc: jax.Array, rule: AdaptiveStep) -> RateState:
         jnp.full_like(loc, rule.initial_mean_radius),
         zeros,
     )
+
+
+class CurvatureState(NamedTuple):
+    """The running curvature of a small guide (see :class:`pyro_scorevi.adaptive.CurvatureState`);
+    ``count`` is an array scalar here."""
+
+    cross: jax.Array
+    spread: jax.Array
+    count: jax.Array
+
+
+def init_curvature(loc: jax.Array) -> CurvatureState:
+    """Empty running moments for the flat ``loc`` of ``d`` coordinates."""
+    d = loc.size
+    zeros = jnp.zeros((d, d), loc.dtype)
+    return CurvatureState(zeros, zeros, jnp.zeros((), loc.dtype))
+
+
+def update_curvature(
+    curvature: CurvatureState,
+    moments: jax.Array,
+    stats: ScoreStatistics,
+    rule: AdaptiveStep,
+    finite: jax.Array,
+) -> CurvatureState:
+    """Adds one step where ``finite`` (see the torch mirror); else returns ``curvature``."""
+    d = moments.shape[-1]
+    cross = moments[:d] - jnp.outer(stats.mean_score, stats.mean_offset)
+    spread = moments[d:] - jnp.outer(stats.mean_offset, stats.mean_offset)
+    count = curvature.count + 1
+    weight = 1.0 / jnp.minimum(count, rule.dense_memory_steps(d))
+    new = CurvatureState(
+        curvature.cross + weight * (cross - curvature.cross),
+        curvature.spread + weight * (spread - curvature.spread),
+        count,
+    )
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, curvature)
+
+
+def dense_mean_score(
+    curvature: CurvatureState, scale: jax.Array, mean_score: jax.Array, rule: AdaptiveStep
+) -> tuple[jax.Array, jax.Array]:
+    """``(score, used)``: the mean's score in the dense metric where ``used``, else
+    ``mean_score`` (see the torch mirror)."""
+    d = mean_score.size
+    spread = curvature.spread
+    jitter = jnp.diag(1e-3 * jnp.diagonal(spread) + jnp.finfo(spread.dtype).tiny ** 0.5)
+    hessian = -jnp.linalg.solve(spread + jitter, curvature.cross.T).T
+    root = scale
+    hessian = 0.5 * (hessian + hessian.T)
+    curved = jnp.diagonal(hessian) > 0  # as torch
+    hessian = jnp.where(curved[:, None] & curved[None, :], hessian, 0.0)
+    whitened = root[:, None] * hessian * root[None, :]
+    eigenvalues, vectors = jnp.linalg.eigh(whitened)
+    floor = rule.dense_min_eigenvalue
+    eigenvalues = jnp.where(
+        eigenvalues > floor, eigenvalues, jnp.where(eigenvalues > 0, floor, 1.0)
+    )
+    score = vectors @ ((vectors.T @ (root * mean_score)) / eigenvalues) / root
+    score = jnp.where(curved, score, mean_score)
+    used = (curvature.count >= rule.dense_memory_steps(d)) & jnp.all(jnp.isfinite(score))
+    return jnp.where(used, score, mean_score), used
 
 
 def scale_bounds(dtype) -> tuple[float, float]:
@@ -112,8 +178,10 @@ def adaptive_update(
     rule: AdaptiveStep,
     release: jax.Array | float = 0.0,
     floor_decay: jax.Array | float = 1.0,
+    variance_ratio: bool = True,
 ) -> tuple[jax.Array, jax.Array, RateState, jax.Array]:
-    """One adaptive closed-form step; returns ``(new_loc, new_scale, new_rates, mean_rate)``."""
+    """One adaptive closed-form step; returns ``(new_loc, new_scale, new_rates, mean_rate)``;
+    ``variance_ratio=False``: no variance ratio (a guide in the dense metric)."""
     dtype = scale.dtype
     trust = jnp.asarray(trust, dtype)
     w = jnp.square(scale)
@@ -145,7 +213,7 @@ def adaptive_update(
         scale_prox_weight=4 / scale_rate - 4,
     )
     mean_step = proposed_loc - loc
-    if rule.max_variance_ratio != 1:  # as torch (release is traced here)
+    if variance_ratio and rule.max_variance_ratio != 1:  # as torch (release is traced here)
         mean_step = mean_step * _ratio(w, spread, cross, rule, release)
     # Heavy-ball momentum where the mean's steps agree (a ridge of a correlated posterior, which
     # coordinate-wise steps otherwise crawl along); off where they turn.

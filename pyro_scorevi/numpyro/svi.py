@@ -58,7 +58,14 @@ from numpyro.optim import Adam, _NumPyroOptim, optax_to_numpyro
 
 from pyro_scorevi import defaults
 from pyro_scorevi.config import ScoreProximalConfig, particles_from_loss
-from pyro_scorevi.numpyro.adaptive import adaptive_update, init_rates
+from pyro_scorevi.numpyro.adaptive import (
+    CurvatureState,
+    adaptive_update,
+    dense_mean_score,
+    init_curvature,
+    init_rates,
+    update_curvature,
+)
 from pyro_scorevi.numpyro.guides import (
     DiagonalFamily,
     MultivariateFamily,
@@ -150,6 +157,9 @@ class AdaptiveState(NamedTuple):
         loss_fast, loss_slow: running means of the accepted losses (the progress signal of
             :func:`~pyro_scorevi.step_rules.cap_release`; NaN before the first).
         released: the sum of the cap's ``release`` over the accepted steps.
+        curvature: the :class:`~pyro_scorevi.numpyro.adaptive.CurvatureState` of a guide in
+            the dense metric (``AdaptiveStep.dense_max_dim``), over the flat coordinates of the
+            sites in order; ``()`` otherwise.
     """
 
     rates: dict
@@ -162,6 +172,7 @@ class AdaptiveState(NamedTuple):
     loss_fast: jax.Array
     loss_slow: jax.Array
     released: jax.Array
+    curvature: CurvatureState | tuple = ()
 
 
 #: Floor of the trust kappa (as :data:`pyro_scorevi.core.MIN_TRUST`).
@@ -443,7 +454,35 @@ def _init_adaptive(family: DiagonalFamily, params: dict, rule: AdaptiveStep) -> 
         jnp.full((), jnp.nan, dtype),
         jnp.full((), jnp.nan, dtype),
         jnp.zeros((), dtype),
+        init_curvature(_flat(locs)) if rule.uses_dense_metric(_flat(locs).size) else (),
     )
+
+
+def _flat(tree: dict) -> jax.Array:
+    """The leaves of a site dict, flat and concatenated in its order."""
+    return jnp.concatenate([jnp.ravel(v) for v in tree.values()])
+
+
+def _unflat(flat: jax.Array, like: dict) -> dict:
+    out, start = {}, 0
+    for k, v in like.items():
+        out[k] = flat[start : start + v.size].reshape(v.shape)
+        start += v.size
+    return out
+
+
+def _dense_step_statistics(st, locs, scales, offsets, scores, finite, rule):
+    """The dense metric of a small guide: ``(stats per site with the dense mean score, new
+    curvature)`` (see ``AdaptiveStep.dense_max_dim``)."""
+    num = next(iter(offsets.values())).shape[0]
+    off = jnp.concatenate([offsets[k].reshape(num, -1) for k in locs], -1)
+    sc = jnp.concatenate([scores[k].reshape(num, -1) for k in locs], -1)
+    flat = score_statistics(off, sc)
+    moments = jnp.concatenate([sc.T @ off, off.T @ off]) / num
+    finite = finite & jnp.all(jnp.isfinite(moments))
+    curvature = update_curvature(st.curvature, moments, flat, rule, finite)
+    score, _ = dense_mean_score(curvature, _flat(scales), flat.mean_score, rule)
+    return score, curvature
 
 
 def update(
@@ -611,10 +650,23 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
     release = cap_release(rule, st.loss_fast, st.loss_slow, st.loss_noise, state.step, jnp)
     release = release.astype(dtype)
     decay = floor_decay(rule, st.released)  # one scalar for every site
+    curvature, dense = st.curvature, isinstance(st.curvature, CurvatureState)
+    if dense:
+        score, curvature = _dense_step_statistics(st, locs, scales, offsets, scores, finite, rule)
+        score = _unflat(score, locs)
+        stats = {k: stats[k]._replace(mean_score=score[k]) for k in locs}
     new_locs, new_scales, new_rates = {}, {}, {}
     for k in locs:
         new_locs[k], new_scales[k], new_rates[k], _ = adaptive_update(
-            locs[k], scales[k], stats[k], st.rates[k], st.trust, rule, release, decay
+            locs[k],
+            scales[k],
+            stats[k],
+            st.rates[k],
+            st.trust,
+            rule,
+            release,
+            decay,
+            variance_ratio=not dense,
         )
     accepted = ~revert & finite & _all_finite((new_locs, new_scales))
     out_locs = _select(accepted, new_locs, _select(revert, st.backup_locs, locs))
@@ -642,6 +694,7 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
         jnp.where(accepted, fast, st.loss_fast).astype(dtype),
         jnp.where(accepted, slow, st.loss_slow).astype(dtype),
         jnp.where(accepted, st.released + release, st.released).astype(dtype),
+        curvature,
     )
     params = family.with_locs_scales(state.params, out_locs, out_scales)
     return params, loss, new_rule, accepted, param_grads
