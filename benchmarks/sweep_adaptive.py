@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 #: One-at-a-time changes from the default rule (the first row is the default).
 CONFIGS: dict[str, dict] = {
     "default": {},
+    "dense_max_dim=0 (before)": {"dense_max_dim": 0},
     "max_variance_ratio=1 (before)": {"max_variance_ratio": 1.0},
     "max_variance_ratio=10": {"max_variance_ratio": 10.0},
     "mean_rate_floor=0": {"mean_rate_floor": 0.0},
