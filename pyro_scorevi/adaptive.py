@@ -114,14 +114,19 @@ def dense_mean_score(
     spread = curvature.spread
     # A ridge's Cov(delta) is full rank only on average: 1e-3 of its diagonal regularises it.
     jitter = torch.diag(1e-3 * spread.diagonal() + torch.finfo(spread.dtype).tiny ** 0.5)
-    hessian = -torch.linalg.solve(spread + jitter, curvature.cross.T).T  # -C_gd C_dd^-1
-    root = scale  # D^{1/2} = diag(s)
+    try:
+        hessian = -torch.linalg.solve(spread + jitter, curvature.cross.T).T  # -C_gd C_dd^-1
+    except torch.linalg.LinAlgError:  # an exactly singular Cov(delta): keep the diagonal step
+        return None
     hessian = 0.5 * (hessian + hessian.T)
     # Coordinates with no positive curvature seen (a flat latent, exact zero scores) keep the
     # guide's own metric, uncoupled: noise in their cross moments must not move them.
     curved = hessian.diagonal() > 0
     hessian = torch.where(curved[:, None] & curved[None, :], hessian, 0.0)
+    root = scale  # D^{1/2} = diag(s)
     whitened = root[:, None] * hessian * root[None, :]
+    if not bool(torch.isfinite(whitened).all()):  # eigh raises on NaN: keep the diagonal step
+        return None
     eigenvalues, vectors = torch.linalg.eigh(whitened)
     floor = rule.dense_min_eigenvalue
     eigenvalues = torch.where(

@@ -241,3 +241,35 @@ def test_dense_options_are_validated():
         AdaptiveStep(dense_min_memory=0.5)
     with pytest.raises(ValueError, match="dense_memory"):
         AdaptiveStep(dense_memory=-1.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_non_finite_curvature_keeps_the_diagonal_step(backend):
+    """Overflowing running moments (inf or NaN) never reach the eigendecomposition (torch's
+    raises on NaN) and never crash the step: the mean's score stays the diagonal one."""
+    d = 3
+    g = np.array([1.0, -2.0, 0.5])
+    scale = np.ones(d)
+    # Positive curvature on the diagonal (so the coordinates are coupled), NaN off it.
+    bad = np.full((d, d), np.nan)
+    np.fill_diagonal(bad, -1.0)
+    rule = AdaptiveStep()
+    if backend == "torch":
+        from pyro_scorevi.adaptive import CurvatureState, dense_mean_score
+
+        for entry in (np.nan, np.inf):  # a NaN row is uncurved; an inf one is caught before eigh
+            moments = np.where(np.isnan(bad), entry, bad)
+            curvature = CurvatureState(
+                torch.tensor(moments), torch.eye(d, dtype=torch.float64), 100.0
+            )
+            score = dense_mean_score(curvature, torch.tensor(scale), torch.tensor(g), rule)
+            assert score is None or np.allclose(score.numpy(), g)
+    else:
+        pytest.importorskip("jax")
+        import jax.numpy as jnp
+
+        from pyro_scorevi.numpyro.adaptive import CurvatureState, dense_mean_score
+
+        curvature = CurvatureState(jnp.asarray(bad), jnp.eye(d), jnp.asarray(100.0))
+        score, _ = dense_mean_score(curvature, jnp.asarray(scale), jnp.asarray(g), rule)
+        np.testing.assert_allclose(np.asarray(score), g, rtol=1e-6)

@@ -100,10 +100,10 @@ def dense_mean_score(
     spread = curvature.spread
     jitter = jnp.diag(1e-3 * jnp.diagonal(spread) + jnp.finfo(spread.dtype).tiny ** 0.5)
     hessian = -jnp.linalg.solve(spread + jitter, curvature.cross.T).T
-    root = scale
     hessian = 0.5 * (hessian + hessian.T)
     curved = jnp.diagonal(hessian) > 0  # as torch
     hessian = jnp.where(curved[:, None] & curved[None, :], hessian, 0.0)
+    root = scale
     whitened = root[:, None] * hessian * root[None, :]
     eigenvalues, vectors = jnp.linalg.eigh(whitened)
     floor = rule.dense_min_eigenvalue
