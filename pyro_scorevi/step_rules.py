@@ -169,7 +169,8 @@ class AdaptiveStep:
     #: error fell from 0.24 to 0.20 sd (NumPyro stackloss 3.16 -> 2.85, diabetes 1.79 -> 1.48;
     #: the scales of a small subsampled model converge later, see the sweep). 10 broke the
     #: subsampled regression's noise at the mode unless gated and cost the MLP 0.04 of NLL
-    #: (``docs/algorithm_sweeps.md``, "The means' metric").
+    #: (``docs/algorithm_sweeps.md``, "The means' metric"). The suite figures predate the dense
+    #: metric, which replaces the ratio on guides of at most ``dense_max_dim`` coordinates.
     max_variance_ratio: float = 3.0
     #: 200 coordinates: the running d x d curvature costs O(d^2) memory and one d x d
     #: eigendecomposition a step, nothing beside a network's forward and backward pass at this
