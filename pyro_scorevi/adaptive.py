@@ -19,9 +19,11 @@ from pyro_scorevi.step_rules import AdaptiveStep
 __all__ = [
     "CurvatureState",
     "RateState",
+    "dense_factors",
     "dense_mean_score",
     "init_curvature",
     "init_rates",
+    "refresh_curvature",
     "update_curvature",
     "adaptive_update",
     "scale_bounds",
@@ -71,18 +73,36 @@ class CurvatureState(NamedTuple):
             (row: score, column: offset).
         spread: running mean of the step's :math:`\\mathrm{Cov}(\\delta)`, ``(d, d)``.
         count: the steps averaged so far (a float).
+        vectors, eigenvalues, root, curved: the factors of the last refresh
+            (:func:`dense_factors`): :math:`V`, the floored :math:`\\Lambda`, :math:`D^{1/2}`
+            and the coordinates with positive curvature.
+        refreshed: ``count`` at the last refresh; -1 before the first (no factors).
     """
 
     cross: torch.Tensor
     spread: torch.Tensor
     count: float
+    vectors: torch.Tensor
+    eigenvalues: torch.Tensor
+    root: torch.Tensor
+    curved: torch.Tensor
+    refreshed: float = -1.0
 
 
 def init_curvature(loc: torch.Tensor) -> CurvatureState:
     """Empty running moments for the flat ``loc`` of ``d`` coordinates."""
     d = loc.numel()
     zeros = loc.new_zeros((d, d))
-    return CurvatureState(zeros, zeros.clone(), 0.0)
+    vector = loc.new_zeros(d)
+    return CurvatureState(
+        zeros,
+        zeros.clone(),
+        0.0,
+        zeros.clone(),
+        vector.clone(),
+        vector.clone(),
+        torch.zeros(d, dtype=torch.bool, device=loc.device),
+    )
 
 
 def update_curvature(
@@ -95,22 +115,17 @@ def update_curvature(
     spread = moments[d:] - torch.outer(stats.mean_offset, stats.mean_offset)
     count = curvature.count + 1
     weight = 1.0 / min(count, rule.dense_memory_steps(d))
-    return CurvatureState(
-        curvature.cross + weight * (cross - curvature.cross),
-        curvature.spread + weight * (spread - curvature.spread),
-        count,
+    return curvature._replace(
+        cross=curvature.cross + weight * (cross - curvature.cross),
+        spread=curvature.spread + weight * (spread - curvature.spread),
+        count=count,
     )
 
 
-def dense_mean_score(
-    curvature: CurvatureState, scale: torch.Tensor, mean_score: torch.Tensor, rule: AdaptiveStep
-) -> torch.Tensor | None:
-    """The mean's score in the dense metric, :math:`D^{-1/2}V\\Lambda^{-1}V^\\top D^{1/2}\\bar g`
-    (see :class:`~pyro_scorevi.step_rules.AdaptiveStep`, ``dense_max_dim``); ``None`` until
-    the memory is full or where the solve is not finite (the step keeps :math:`\\bar g`)."""
-    d = mean_score.numel()
-    if curvature.count < rule.dense_memory_steps(d):
-        return None
+def dense_factors(curvature: CurvatureState, scale: torch.Tensor, rule: AdaptiveStep):
+    """``(V, floored Lambda, D^{1/2}, curved)`` of the running curvature at the guide's
+    ``scale`` (see :class:`~pyro_scorevi.step_rules.AdaptiveStep`, ``dense_max_dim``), or
+    ``None`` where the solve is singular or not finite (the step keeps :math:`\\bar g`)."""
     spread = curvature.spread
     # A ridge's Cov(delta) is full rank only on average: 1e-3 of its diagonal regularises it.
     jitter = torch.diag(1e-3 * spread.diagonal() + torch.finfo(spread.dtype).tiny ** 0.5)
@@ -132,8 +147,45 @@ def dense_mean_score(
     eigenvalues = torch.where(
         eigenvalues > floor, eigenvalues, torch.where(eigenvalues > 0, floor, 1.0)
     )
-    score = vectors @ ((vectors.T @ (root * mean_score)) / eigenvalues) / root
-    score = torch.where(curved, score, mean_score)
+    return vectors, eigenvalues, root, curved
+
+
+def refresh_curvature(
+    curvature: CurvatureState, scale: torch.Tensor, rule: AdaptiveStep
+) -> CurvatureState:
+    """Recomputes the factors once the memory is full and every
+    :meth:`~pyro_scorevi.step_rules.AdaptiveStep.dense_refresh_steps` averaged steps (the
+    eigendecomposition is the step's largest cost on a small model); else returns
+    ``curvature``. A failed solve leaves no factors (``refreshed = -1``)."""
+    d = curvature.root.numel()
+    if curvature.count < rule.dense_memory_steps(d):
+        return curvature
+    if curvature.refreshed >= 0 and (
+        curvature.count - curvature.refreshed < rule.dense_refresh_steps(d)
+    ):
+        return curvature
+    factors = dense_factors(curvature, scale, rule)
+    if factors is None:
+        return curvature._replace(refreshed=-1.0)
+    vectors, eigenvalues, root, curved = factors
+    return curvature._replace(
+        vectors=vectors,
+        eigenvalues=eigenvalues,
+        root=root,
+        curved=curved,
+        refreshed=curvature.count,
+    )
+
+
+def dense_mean_score(curvature: CurvatureState, mean_score: torch.Tensor) -> torch.Tensor | None:
+    """The mean's score in the dense metric, :math:`D^{-1/2}V\\Lambda^{-1}V^\\top D^{1/2}\\bar g`
+    with the factors of the last refresh; ``None`` before the first or where it is not finite
+    (the step keeps :math:`\\bar g`)."""
+    if curvature.refreshed < 0:
+        return None
+    vectors, root = curvature.vectors, curvature.root
+    score = vectors @ ((vectors.T @ (root * mean_score)) / curvature.eigenvalues) / root
+    score = torch.where(curvature.curved, score, mean_score)
     return score if bool(torch.isfinite(score).all()) else None
 
 

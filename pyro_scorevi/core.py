@@ -33,6 +33,7 @@ from pyro_scorevi.adaptive import (
     dense_mean_score,
     init_curvature,
     init_rates,
+    refresh_curvature,
     update_curvature,
 )
 from pyro_scorevi.proximal import ScoreStatistics, diagonal_proximal_update
@@ -179,8 +180,10 @@ def update(
     release = float(
         cap_release(rule, state.loss_fast, state.loss_slow, state.loss_noise, state.step, np)
     )
-    if dense:
-        score = dense_mean_score(state.curvature, state.scale, stats.mean_score, rule)
+    curvature = state.curvature
+    if dense:  # the refreshed factors are kept only if the step is accepted
+        curvature = refresh_curvature(curvature, state.scale, rule)
+        score = dense_mean_score(curvature, stats.mean_score)
         if score is not None:
             stats = stats._replace(mean_score=score)
     new_loc, new_scale, rates, _ = adaptive_update(
@@ -219,6 +222,7 @@ def update(
         loss_fast=fast,
         loss_slow=slow,
         released=state.released + release,
+        curvature=curvature,
     )
     return new_state, StepInfo(loss, True, False)
 

@@ -219,6 +219,13 @@ class AdaptiveStep:
         """The memory (in steps) of the running curvature of a ``dim``-coordinate guide."""
         return max(self.dense_min_memory, self.dense_memory * dim)
 
+    def dense_refresh_steps(self, dim: int) -> int:
+        """Averaged steps between two eigendecompositions of the running curvature of a
+        ``dim``-coordinate guide: every step below 64 coordinates, every ``dim // 32`` above
+        (a 64th of the memory of 2d steps; the eigendecomposition dominates a small NumPyro
+        model's step, ``docs/posterior_suite.md``, "Cost")."""
+        return max(1, dim // 32)
+
     def uses_dense_metric(self, dim: int) -> bool:
         """Whether a guide of ``dim`` coordinates steps in the dense metric."""
         return 0 < dim <= self.dense_max_dim

@@ -90,6 +90,39 @@ def test_dense_metric_walks_the_ridge_of_a_correlated_gaussian(backend):
     assert np.abs(diagonal - MEAN).max() > 0.1
 
 
+def _dense_score_fn(backend, request, scale, g):
+    """``score(cross, spread, count, rule)``: the dense mean score of running moments, through
+    the backend's ``refresh_curvature`` and ``dense_mean_score`` (the diagonal ``g`` where it
+    is not used)."""
+    d = len(scale)
+    if backend == "torch":
+        from pyro_scorevi import adaptive as ad
+
+        def score(cross, spread, count, rule):
+            curvature = ad.init_curvature(torch.zeros(d, dtype=torch.float64))._replace(
+                cross=torch.tensor(cross), spread=torch.tensor(spread), count=float(count)
+            )
+            curvature = ad.refresh_curvature(curvature, torch.tensor(scale), rule)
+            out = ad.dense_mean_score(curvature, torch.tensor(g))
+            return g if out is None else out.numpy()
+
+        return score
+    request.getfixturevalue("jax_x64")
+    import jax.numpy as jnp
+
+    from pyro_scorevi.numpyro import adaptive as ad
+
+    def score(cross, spread, count, rule):
+        curvature = ad.init_curvature(jnp.zeros(d))._replace(
+            cross=jnp.asarray(cross), spread=jnp.asarray(spread), count=jnp.asarray(count * 1.0)
+        )
+        curvature = ad.refresh_curvature(curvature, jnp.asarray(scale), rule)
+        out, _ = ad.dense_mean_score(curvature, jnp.asarray(g))
+        return np.asarray(out)
+
+    return score
+
+
 @pytest.mark.parametrize("backend", ["torch", "jax"])
 def test_dense_mean_score_is_the_newton_step_on_a_quadratic(backend, request):
     """With the moments of a quadratic log density, s^2 * dense_mean_score(g) is H^-1 g (the
@@ -100,31 +133,7 @@ def test_dense_mean_score_is_the_newton_step_on_a_quadratic(backend, request):
     q, _ = np.linalg.qr(rng.standard_normal((d, d)))
     scale = np.exp(0.3 * rng.standard_normal(d))
     g = rng.standard_normal(d)
-    if backend == "torch":
-        from pyro_scorevi.adaptive import CurvatureState, dense_mean_score
-
-        def as_array(a):
-            return torch.tensor(a, dtype=torch.float64)
-
-        def score(curvature, rule):
-            return dense_mean_score(curvature, as_array(scale), as_array(g), rule).numpy()
-
-        def make(cross, spread, count):
-            return CurvatureState(as_array(cross), as_array(spread), float(count))
-    else:
-        request.getfixturevalue("jax_x64")
-        import jax.numpy as jnp
-
-        from pyro_scorevi.numpyro.adaptive import CurvatureState, dense_mean_score
-
-        def score(curvature, rule):
-            out, used = dense_mean_score(curvature, jnp.asarray(scale), jnp.asarray(g), rule)
-            assert bool(used)
-            return np.asarray(out)
-
-        def make(cross, spread, count):
-            return CurvatureState(jnp.asarray(cross), jnp.asarray(spread), jnp.asarray(count))
-
+    score = _dense_score_fn(backend, request, scale, g)
     rule = AdaptiveStep(dense_min_eigenvalue=1e-3)
     for eigenvalues in ([0.5, 1.0, 2.0, 4.0], [0.01, 1.0, 2.0, 4.0]):
         # H with whitened (D^1/2 H D^1/2) eigenvalues as given.
@@ -138,12 +147,12 @@ def test_dense_mean_score_is_the_newton_step_on_a_quadratic(backend, request):
             scores = -offsets @ hessian.T + 0.3
             cross += scores.T @ offsets / 2 / 200
             spread += offsets.T @ offsets / 2 / 200
-        step = scale**2 * score(make(cross, spread, 200), rule)
+        step = scale**2 * score(cross, spread, 200, rule)
         # rtol 3e-3: the solve regularises Cov(delta) by 1e-3 of its diagonal.
         np.testing.assert_allclose(step, np.linalg.solve(hessian, g), rtol=3e-3, atol=1e-8)
     # A floor of 0.1 raises the smallest whitened eigenvalue (0.01) to 0.1.
     capped = q @ np.diag([0.1, 1.0, 2.0, 4.0]) @ q.T / np.outer(scale, scale)
-    step = scale**2 * score(make(cross, spread, 200), AdaptiveStep(dense_min_eigenvalue=0.1))
+    step = scale**2 * score(cross, spread, 200, AdaptiveStep(dense_min_eigenvalue=0.1))
     np.testing.assert_allclose(step, np.linalg.solve(capped, g), rtol=3e-3, atol=1e-8)
 
 
@@ -180,8 +189,11 @@ def test_dense_metric_torch_jax_parity(jax_x64):
         np.testing.assert_allclose(t_curv.cross.numpy(), np.asarray(j_curv.cross), rtol=1e-12)
         np.testing.assert_allclose(t_curv.spread.numpy(), np.asarray(j_curv.spread), rtol=1e-12)
         g = rng.standard_normal(d)
-        t_score = tad.dense_mean_score(t_curv, torch.tensor(scale), torch.tensor(g), rule)
-        j_score, used = jad.dense_mean_score(j_curv, jnp.asarray(scale), jnp.asarray(g), rule)
+        t_curv = tad.refresh_curvature(t_curv, torch.tensor(scale), rule)
+        j_curv = jad.refresh_curvature(j_curv, jnp.asarray(scale), rule)
+        assert t_curv.refreshed == float(j_curv.refreshed)
+        t_score = tad.dense_mean_score(t_curv, torch.tensor(g))
+        j_score, used = jad.dense_mean_score(j_curv, jnp.asarray(g))
         assert (t_score is not None) == bool(used)
         expected = g if t_score is None else t_score.numpy()
         np.testing.assert_allclose(expected, np.asarray(j_score), rtol=1e-8, atol=1e-10)
@@ -244,32 +256,37 @@ def test_dense_options_are_validated():
 
 
 @pytest.mark.parametrize("backend", ["torch", "jax"])
-def test_non_finite_curvature_keeps_the_diagonal_step(backend):
+def test_non_finite_curvature_keeps_the_diagonal_step(backend, request):
     """Overflowing running moments (inf or NaN) never reach the eigendecomposition (torch's
     raises on NaN) and never crash the step: the mean's score stays the diagonal one."""
     d = 3
     g = np.array([1.0, -2.0, 0.5])
-    scale = np.ones(d)
-    # Positive curvature on the diagonal (so the coordinates are coupled), NaN off it.
-    bad = np.full((d, d), np.nan)
-    np.fill_diagonal(bad, -1.0)
+    score = _dense_score_fn(backend, request, np.ones(d), g)
+    for entry in (np.nan, np.inf):  # a NaN row is uncurved; an inf one is caught before eigh
+        # Positive curvature on the diagonal (so the coordinates are coupled), entry off it.
+        cross = np.full((d, d), entry)
+        np.fill_diagonal(cross, -1.0)
+        np.testing.assert_allclose(score(cross, np.eye(d), 100, AdaptiveStep()), g, rtol=1e-6)
+
+
+def test_refresh_interval_reuses_the_factors_between_eigendecompositions():
+    """Past 64 coordinates the factors are recomputed every ``d // 32`` averaged steps and
+    reused in between; below, every step."""
+    from pyro_scorevi import adaptive as ad
+
     rule = AdaptiveStep()
-    if backend == "torch":
-        from pyro_scorevi.adaptive import CurvatureState, dense_mean_score
-
-        for entry in (np.nan, np.inf):  # a NaN row is uncurved; an inf one is caught before eigh
-            moments = np.where(np.isnan(bad), entry, bad)
-            curvature = CurvatureState(
-                torch.tensor(moments), torch.eye(d, dtype=torch.float64), 100.0
-            )
-            score = dense_mean_score(curvature, torch.tensor(scale), torch.tensor(g), rule)
-            assert score is None or np.allclose(score.numpy(), g)
-    else:
-        pytest.importorskip("jax")
-        import jax.numpy as jnp
-
-        from pyro_scorevi.numpyro.adaptive import CurvatureState, dense_mean_score
-
-        curvature = CurvatureState(jnp.asarray(bad), jnp.eye(d), jnp.asarray(100.0))
-        score, _ = dense_mean_score(curvature, jnp.asarray(scale), jnp.asarray(g), rule)
-        np.testing.assert_allclose(np.asarray(score), g, rtol=1e-6)
+    assert rule.dense_refresh_steps(63) == 1 and rule.dense_refresh_steps(100) == 3
+    d = 100
+    curvature = ad.init_curvature(torch.zeros(d, dtype=torch.float64))._replace(
+        spread=torch.eye(d, dtype=torch.float64),
+        cross=-torch.eye(d, dtype=torch.float64),
+        count=rule.dense_memory_steps(d),
+    )
+    scale = torch.ones(d, dtype=torch.float64)
+    first = ad.refresh_curvature(curvature, scale, rule)
+    assert first.refreshed == curvature.count
+    for k in (1, 2):  # not due: the same factors, even at another scale
+        later = ad.refresh_curvature(first._replace(count=first.count + k), 2 * scale, rule)
+        assert later.refreshed == first.refreshed and torch.equal(later.root, first.root)
+    due = ad.refresh_curvature(first._replace(count=first.count + 3), 2 * scale, rule)
+    assert due.refreshed == first.count + 3 and torch.equal(due.root, 2 * scale)

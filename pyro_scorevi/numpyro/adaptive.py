@@ -18,9 +18,11 @@ from pyro_scorevi.step_rules import AdaptiveStep
 __all__ = [
     "CurvatureState",
     "RateState",
+    "dense_factors",
     "dense_mean_score",
     "init_curvature",
     "init_rates",
+    "refresh_curvature",
     "update_curvature",
     "adaptive_update",
     "scale_bounds",
@@ -56,18 +58,33 @@ def init_rates(loc: jax.Array, rule: AdaptiveStep) -> RateState:
 
 class CurvatureState(NamedTuple):
     """The running curvature of a small guide (see :class:`pyro_scorevi.adaptive.CurvatureState`);
-    ``count`` is an array scalar here."""
+    ``count`` and ``refreshed`` are array scalars here."""
 
     cross: jax.Array
     spread: jax.Array
     count: jax.Array
+    vectors: jax.Array
+    eigenvalues: jax.Array
+    root: jax.Array
+    curved: jax.Array
+    refreshed: jax.Array
 
 
 def init_curvature(loc: jax.Array) -> CurvatureState:
     """Empty running moments for the flat ``loc`` of ``d`` coordinates."""
     d = loc.size
     zeros = jnp.zeros((d, d), loc.dtype)
-    return CurvatureState(zeros, zeros, jnp.zeros((), loc.dtype))
+    vector = jnp.zeros(d, loc.dtype)
+    return CurvatureState(
+        zeros,
+        zeros,
+        jnp.zeros((), loc.dtype),
+        zeros,
+        vector,
+        vector,
+        jnp.zeros(d, bool),
+        jnp.full((), -1.0, loc.dtype),
+    )
 
 
 def update_curvature(
@@ -83,20 +100,16 @@ def update_curvature(
     spread = moments[d:] - jnp.outer(stats.mean_offset, stats.mean_offset)
     count = curvature.count + 1
     weight = 1.0 / jnp.minimum(count, rule.dense_memory_steps(d))
-    new = CurvatureState(
-        curvature.cross + weight * (cross - curvature.cross),
-        curvature.spread + weight * (spread - curvature.spread),
-        count,
+    new = curvature._replace(
+        cross=curvature.cross + weight * (cross - curvature.cross),
+        spread=curvature.spread + weight * (spread - curvature.spread),
+        count=count,
     )
     return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, curvature)
 
 
-def dense_mean_score(
-    curvature: CurvatureState, scale: jax.Array, mean_score: jax.Array, rule: AdaptiveStep
-) -> tuple[jax.Array, jax.Array]:
-    """``(score, used)``: the mean's score in the dense metric where ``used``, else
-    ``mean_score`` (see the torch mirror)."""
-    d = mean_score.size
+def dense_factors(curvature: CurvatureState, scale: jax.Array, rule: AdaptiveStep):
+    """``((V, floored Lambda, D^{1/2}, curved), ok)`` (see the torch mirror)."""
     spread = curvature.spread
     jitter = jnp.diag(1e-3 * jnp.diagonal(spread) + jnp.finfo(spread.dtype).tiny ** 0.5)
     hessian = -jnp.linalg.solve(spread + jitter, curvature.cross.T).T
@@ -110,9 +123,42 @@ def dense_mean_score(
     eigenvalues = jnp.where(
         eigenvalues > floor, eigenvalues, jnp.where(eigenvalues > 0, floor, 1.0)
     )
-    score = vectors @ ((vectors.T @ (root * mean_score)) / eigenvalues) / root
-    score = jnp.where(curved, score, mean_score)
-    used = (curvature.count >= rule.dense_memory_steps(d)) & jnp.all(jnp.isfinite(score))
+    ok = jnp.all(jnp.isfinite(whitened)) & jnp.all(jnp.isfinite(vectors))
+    return (vectors, eigenvalues, root, curved), ok
+
+
+def refresh_curvature(
+    curvature: CurvatureState, scale: jax.Array, rule: AdaptiveStep
+) -> CurvatureState:
+    """The torch mirror's refresh; the eigendecomposition runs (``lax.cond``) only when due."""
+    d = scale.size
+    due = (curvature.count >= rule.dense_memory_steps(d)) & (
+        (curvature.refreshed < 0)
+        | (curvature.count - curvature.refreshed >= rule.dense_refresh_steps(d))
+    )
+
+    def refresh(curvature):
+        (vectors, eigenvalues, root, curved), ok = dense_factors(curvature, scale, rule)
+        new = curvature._replace(
+            vectors=vectors,
+            eigenvalues=eigenvalues,
+            root=root,
+            curved=curved,
+            refreshed=curvature.count,
+        )
+        failed = curvature._replace(refreshed=jnp.full_like(curvature.refreshed, -1.0))
+        return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, failed)
+
+    return jax.lax.cond(due, refresh, lambda c: c, curvature)
+
+
+def dense_mean_score(curvature: CurvatureState, mean_score: jax.Array):
+    """``(score, used)``: the mean's score in the dense metric where ``used``, else
+    ``mean_score`` (see the torch mirror)."""
+    vectors, root = curvature.vectors, curvature.root
+    score = vectors @ ((vectors.T @ (root * mean_score)) / curvature.eigenvalues) / root
+    score = jnp.where(curvature.curved, score, mean_score)
+    used = (curvature.refreshed >= 0) & jnp.all(jnp.isfinite(score))
     return jnp.where(used, score, mean_score), used
 
 

@@ -64,6 +64,7 @@ from pyro_scorevi.numpyro.adaptive import (
     dense_mean_score,
     init_curvature,
     init_rates,
+    refresh_curvature,
     update_curvature,
 )
 from pyro_scorevi.numpyro.guides import (
@@ -472,8 +473,8 @@ def _unflat(flat: jax.Array, like: dict) -> dict:
 
 
 def _dense_step_statistics(st, locs, scales, offsets, scores, finite, rule):
-    """The dense metric of a small guide: ``(stats per site with the dense mean score, new
-    curvature)`` (see ``AdaptiveStep.dense_max_dim``)."""
+    """The dense metric of a small guide: ``(flat dense mean score, updated curvature, the same
+    with refreshed factors)`` (see ``AdaptiveStep.dense_max_dim``)."""
     num = next(iter(offsets.values())).shape[0]
     off = jnp.concatenate([offsets[k].reshape(num, -1) for k in locs], -1)
     sc = jnp.concatenate([scores[k].reshape(num, -1) for k in locs], -1)
@@ -481,8 +482,9 @@ def _dense_step_statistics(st, locs, scales, offsets, scores, finite, rule):
     moments = jnp.concatenate([sc.T @ off, off.T @ off]) / num
     finite = finite & jnp.all(jnp.isfinite(moments))
     curvature = update_curvature(st.curvature, moments, flat, rule, finite)
-    score, _ = dense_mean_score(curvature, _flat(scales), flat.mean_score, rule)
-    return score, curvature
+    refreshed = refresh_curvature(curvature, _flat(scales), rule)
+    score, _ = dense_mean_score(refreshed, flat.mean_score)
+    return score, curvature, refreshed
 
 
 def update(
@@ -652,7 +654,9 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
     decay = floor_decay(rule, st.released)  # one scalar for every site
     curvature, dense = st.curvature, isinstance(st.curvature, CurvatureState)
     if dense:
-        score, curvature = _dense_step_statistics(st, locs, scales, offsets, scores, finite, rule)
+        score, curvature, refreshed = _dense_step_statistics(
+            st, locs, scales, offsets, scores, finite, rule
+        )
         score = _unflat(score, locs)
         stats = {k: stats[k]._replace(mean_score=score[k]) for k in locs}
     new_locs, new_scales, new_rates = {}, {}, {}
@@ -669,6 +673,8 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
             variance_ratio=not dense,
         )
     accepted = ~revert & finite & _all_finite((new_locs, new_scales))
+    if dense:  # the refreshed factors are kept only if the step is accepted (as torch)
+        curvature = _select(accepted, refreshed, curvature)
     out_locs = _select(accepted, new_locs, _select(revert, st.backup_locs, locs))
     out_scales = _select(accepted, new_scales, _select(revert, st.backup_scales, scales))
     trust = jnp.where(
