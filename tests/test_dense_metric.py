@@ -290,3 +290,29 @@ def test_refresh_interval_reuses_the_factors_between_eigendecompositions():
         assert later.refreshed == first.refreshed and torch.equal(later.root, first.root)
     due = ad.refresh_curvature(first._replace(count=first.count + 3), 2 * scale, rule)
     assert due.refreshed == first.count + 3 and torch.equal(due.root, 2 * scale)
+
+
+def test_numpyro_dense_state_resumes_exactly():
+    """NumPyro: the curvature lives in the state, so 30 + 30 steps with ``init_state`` equal 60
+    steps in one run, bit for bit (the dense metric is on from step 10)."""
+    pytest.importorskip("numpyro")
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as ndist
+    from numpyro.infer.autoguide import AutoNormal as NAutoNormal
+
+    from pyro_scorevi.numpyro import ScoreProximalSVI as NScoreProximalSVI
+
+    def model():
+        numpyro.sample(
+            "theta", ndist.MultivariateNormal(jnp.asarray(MEAN), jnp.asarray(_ridge_cov()))
+        )
+
+    svi = NScoreProximalSVI(model, NAutoNormal(model))
+    whole = svi.run(jax.random.PRNGKey(0), 60, progress_bar=False)
+    first = svi.run(jax.random.PRNGKey(0), 30, progress_bar=False)
+    assert int(first.state.rule.curvature.refreshed) >= 0  # the factors are in use
+    rest = svi.run(None, 30, progress_bar=False, init_state=first.state)
+    for k in whole.params:
+        np.testing.assert_array_equal(np.asarray(whole.params[k]), np.asarray(rest.params[k]))
