@@ -609,6 +609,18 @@ def print_tables(agg: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def print_progress(row: dict) -> None:
+    """One line per fit on stderr: posterior, method, seed, figures, flags, error."""
+    print(
+        f"{row['posterior']:22s} {row['method']:18s} seed {row['seed']} "
+        f"err {_num(row['mean_err'])} sd {_num(row['sd_ratio'])} "
+        f"rej {row['rejected']} {_num(row['wall'], '.2f')} s {' '.join(row['flags'])}"
+        + (f"  [{row['error']}]" if "error" in row else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _names(value: str, registry: dict, default) -> list[str]:
     if value in ("", "all"):
         return list(default)
@@ -661,14 +673,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def progress(row):
         if not args.quiet:
-            print(
-                f"{row['posterior']:20s} {row['method']:18s} seed {row['seed']} "
-                f"err {_num(row['mean_err'])} sd {_num(row['sd_ratio'])} "
-                f"rej {row['rejected']} {_num(row['wall'], '.2f')} s {' '.join(row['flags'])}"
-                + (f"  [{row['error']}]" if "error" in row else ""),
-                file=sys.stderr,
-                flush=True,
-            )
+            print_progress(row)
 
     t0 = time.perf_counter()
     rows = run_suite(posteriors, methods, seeds, args.evals, progress, args.init)

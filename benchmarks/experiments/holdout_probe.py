@@ -424,18 +424,8 @@ def main(argv=None) -> int:
     methods = [suite.METHODS[m] for m in args.methods.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
 
-    def progress(row):
-        print(
-            f"{row['posterior']:22s} {row['method']:18s} seed {row['seed']} "
-            f"err {suite._num(row['mean_err'])} sd {suite._num(row['sd_ratio'])} "
-            f"rej {row['rejected']} {' '.join(row['flags'])}"
-            + (f"  [{row['error']}]" if "error" in row else ""),
-            file=sys.stderr,
-            flush=True,
-        )
-
     rows = suite.run_suite(
-        [P.get_posterior(n) for n in names], methods, seeds, args.evals, progress
+        [P.get_posterior(n) for n in names], methods, seeds, args.evals, suite.print_progress
     )
     agg = suite.aggregate(rows)
     suite.print_tables(agg)
