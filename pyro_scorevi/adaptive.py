@@ -267,12 +267,12 @@ def adaptive_update(
     rule: AdaptiveStep,
     release: torch.Tensor | float = 0.0,
     floor_decay: torch.Tensor | float = 1.0,
-    variance_ratio: bool = True,
+    apply_variance_ratio: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, RateState, torch.Tensor]:
     """One adaptive closed-form step from the frozen ``(loc, scale)``; ``release`` and
     ``floor_decay`` are :func:`~pyro_scorevi.step_rules.cap_release` and
     :func:`~pyro_scorevi.step_rules.floor_decay` of the loss's progress;
-    ``variance_ratio=False`` leaves the variance ratio out (a guide in the dense metric, whose
+    ``apply_variance_ratio=False`` leaves the variance ratio out (a guide in the dense metric, whose
     ``stats.mean_score`` is :func:`dense_mean_score`).
 
     Returns:
@@ -321,7 +321,7 @@ def adaptive_update(
     # estimate of the target's (at most max_variance_ratio times): scales held back by the cap
     # (a network early on) no longer slow their means down.
     mean_step = proposed_loc - loc
-    if variance_ratio and not (
+    if apply_variance_ratio and not (
         rule.max_variance_ratio == 1 or (isinstance(release, float) and release >= 1)
     ):
         mean_step = mean_step * _ratio(w, spread, cross, rule, release)

@@ -195,7 +195,7 @@ def update(
         rule,
         release,
         floor_decay(rule, state.released),
-        variance_ratio=not dense,
+        apply_variance_ratio=not dense,
     )
     if not bool(torch.isfinite(new_loc).all() & torch.isfinite(new_scale).all()):
         return _rejected(state, loss, rule)

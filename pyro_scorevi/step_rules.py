@@ -176,12 +176,12 @@ class AdaptiveStep:
     max_variance_ratio: float = 3.0
     #: 200 coordinates: the running d x d curvature costs O(d^2) memory and a d x d
     #: eigendecomposition every max(1, d // 32) steps (the comparison's networks, d > 4000, keep
-    #: the diagonal step). On the posterior
-    #: suite's ridges (NumPyro, seeds 0-2, 3000 evaluations) the mean error fell from 5.38 to
-    #: 2.73 NUTS sds on cancer-logreg-raw (radius/perimeter correlated at 0.998), from 2.85 to
-    #: 0.53 on stackloss-interact and from 1.48 to 0.06 on diabetes-raw; the suite passes 14 of
-    #: 14 in each backend (11 before) and logreg's mean error fell from 0.19 to 0.13
-    #: (``docs/algorithm_sweeps.md``, "The dense metric of small guides").
+    #: the diagonal step). On the posterior suite's ridges (NumPyro, seeds 0-2, 3000
+    #: evaluations) the mean error fell from 5.38 to 2.73 NUTS sds on cancer-logreg-raw
+    #: (radius/perimeter correlated at 0.998), from 2.85 to 0.53 on stackloss-interact and from
+    #: 1.48 to 0.06 on diabetes-raw; the suite passes 14 of 14 in each backend (11 before) and
+    #: logreg's mean error fell from 0.19 to 0.13 (``docs/algorithm_sweeps.md``, "The dense
+    #: metric of small guides").
     dense_max_dim: int = 200
     #: 2 steps per coordinate, at least 10: 4 and 8 per coordinate lagged behind a curvature
     #: that changes along the path (a noise sd learned at the same time rescales every

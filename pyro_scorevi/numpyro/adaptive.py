@@ -224,10 +224,10 @@ def adaptive_update(
     rule: AdaptiveStep,
     release: jax.Array | float = 0.0,
     floor_decay: jax.Array | float = 1.0,
-    variance_ratio: bool = True,
+    apply_variance_ratio: bool = True,
 ) -> tuple[jax.Array, jax.Array, RateState, jax.Array]:
     """One adaptive closed-form step; returns ``(new_loc, new_scale, new_rates, mean_rate)``;
-    ``variance_ratio=False``: no variance ratio (a guide in the dense metric)."""
+    ``apply_variance_ratio=False``: no variance ratio (a guide in the dense metric)."""
     dtype = scale.dtype
     trust = jnp.asarray(trust, dtype)
     w = jnp.square(scale)
@@ -259,7 +259,7 @@ def adaptive_update(
         scale_prox_weight=4 / scale_rate - 4,
     )
     mean_step = proposed_loc - loc
-    if variance_ratio and rule.max_variance_ratio != 1:  # as torch (release is traced here)
+    if apply_variance_ratio and rule.max_variance_ratio != 1:  # as torch (release is traced here)
         mean_step = mean_step * _ratio(w, spread, cross, rule, release)
     # Heavy-ball momentum where the mean's steps agree (a ridge of a correlated posterior, which
     # coordinate-wise steps otherwise crawl along); off where they turn.

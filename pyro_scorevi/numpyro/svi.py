@@ -670,7 +670,7 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
             rule,
             release,
             decay,
-            variance_ratio=not dense,
+            apply_variance_ratio=not dense,
         )
     accepted = ~revert & finite & _all_finite((new_locs, new_scales))
     if dense:  # the refreshed factors are kept only if the step is accepted (as torch)
