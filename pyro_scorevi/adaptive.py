@@ -27,6 +27,7 @@ __all__ = [
     "update_curvature",
     "adaptive_update",
     "scale_bounds",
+    "settled_precision",
     "step_directions",
     "variance_ratio",
 ]
@@ -77,6 +78,8 @@ class CurvatureState(NamedTuple):
             (:func:`dense_factors`): :math:`V`, the floored :math:`\\Lambda`, :math:`D^{1/2}`
             and the coordinates with positive curvature.
         refreshed: ``count`` at the last refresh; -1 before the first (no factors).
+        diagonal: :math:`\\hat H_{jj}` at the last refresh, the precision a mean-field
+            guide settles to (:func:`settled_precision`); ``None`` before the first.
     """
 
     cross: torch.Tensor
@@ -87,6 +90,7 @@ class CurvatureState(NamedTuple):
     root: torch.Tensor
     curved: torch.Tensor
     refreshed: float = -1.0
+    diagonal: torch.Tensor | None = None
 
 
 def init_curvature(loc: torch.Tensor) -> CurvatureState:
@@ -123,7 +127,7 @@ def update_curvature(
 
 
 def dense_factors(curvature: CurvatureState, scale: torch.Tensor, rule: AdaptiveStep):
-    """``(V, floored Lambda, D^{1/2}, curved)`` of the running curvature at the guide's
+    """``(V, floored Lambda, D^{1/2}, curved, diag H)`` of the running curvature at the guide's
     ``scale`` (see :class:`~pyro_scorevi.step_rules.AdaptiveStep`, ``dense_max_dim``), or
     ``None`` where the solve is singular or not finite (the step keeps :math:`\\bar g`)."""
     spread = curvature.spread
@@ -136,7 +140,8 @@ def dense_factors(curvature: CurvatureState, scale: torch.Tensor, rule: Adaptive
     hessian = 0.5 * (hessian + hessian.T)
     # Coordinates with no positive curvature seen (a flat latent, exact zero scores) keep the
     # guide's own metric, uncoupled: noise in their cross moments must not move them.
-    curved = hessian.diagonal() > 0
+    diagonal = hessian.diagonal().clone()
+    curved = diagonal > 0
     hessian = torch.where(curved[:, None] & curved[None, :], hessian, 0.0)
     root = scale  # D^{1/2} = diag(s)
     whitened = root[:, None] * hessian * root[None, :]
@@ -147,7 +152,7 @@ def dense_factors(curvature: CurvatureState, scale: torch.Tensor, rule: Adaptive
     eigenvalues = torch.where(
         eigenvalues > floor, eigenvalues, torch.where(eigenvalues > 0, floor, 1.0)
     )
-    return vectors, eigenvalues, root, curved
+    return vectors, eigenvalues, root, curved, diagonal
 
 
 def refresh_curvature(
@@ -167,13 +172,14 @@ def refresh_curvature(
     factors = dense_factors(curvature, scale, rule)
     if factors is None:
         return curvature._replace(refreshed=-1.0)
-    vectors, eigenvalues, root, curved = factors
+    vectors, eigenvalues, root, curved, diagonal = factors
     return curvature._replace(
         vectors=vectors,
         eigenvalues=eigenvalues,
         root=root,
         curved=curved,
         refreshed=curvature.count,
+        diagonal=diagonal,
     )
 
 
@@ -187,6 +193,21 @@ def dense_mean_score(curvature: CurvatureState, mean_score: torch.Tensor) -> tor
     score = vectors @ ((vectors.T @ (root * mean_score)) / curvature.eigenvalues) / root
     score = torch.where(curvature.curved, score, mean_score)
     return score if bool(torch.isfinite(score).all()) else None
+
+
+def settled_precision(curvature: CurvatureState) -> torch.Tensor | None:
+    """The diagonal :math:`\\hat H_{jj}` of the last refresh where it is positive, else 0 (no
+    target: the step's own); ``None`` before the first refresh.
+
+    The fixed point of a mean-field guide has precision :math:`\\mathbb E_q[-\\partial_j^2
+    \\log p]`. Each step's Stein estimate :math:`-\\mathrm{Cov}(\\delta_j, \\hat g_j) /
+    \\mathrm{Var}\\,\\delta_j` carries the noise :math:`\\sum_{k \\ne j} H_{jk}\\delta_k /
+    \\delta_j` of the other coordinates, which on a correlated posterior dwarfs
+    :math:`H_{jj}`; the running regression of the scores on *all* the offsets removes it (exact
+    on a Gaussian target)."""
+    if curvature.refreshed < 0 or curvature.diagonal is None:
+        return None
+    return torch.where(curvature.curved, curvature.diagonal, 0.0)
 
 
 def scale_bounds(dtype: torch.dtype) -> tuple[float, float]:
@@ -243,6 +264,24 @@ def _ratio(w, spread, cross, rule, release):
     return 1 + (ratio - 1) * (1 - release)
 
 
+def _settles(rule, precision, release) -> bool:
+    return (
+        precision is not None
+        and rule.settled_scale_rate > 0
+        and not (isinstance(release, float) and release <= 0)
+    )
+
+
+def _settled_statistics(stats, spread, cross, precision, release):
+    """The statistics whose Stein precision target :math:`-\\mathrm{Cov}/\\mathrm{Var}` is
+    :math:`(1 - r)` times the step's own plus :math:`r` times ``precision`` (:math:`r` =
+    ``release``) where ``precision > 0``; returns ``(stats, cross, where)``."""
+    target = precision > 0
+    blended = torch.where(target, (1 - release) * cross - release * precision * spread, cross)
+    stats = stats._replace(mean_offset_score=blended + stats.mean_offset * stats.mean_score)
+    return stats, blended, target
+
+
 def _trend(trend, memory, direction, min_memory, max_memory):
     trend = trend + (direction - trend) / memory
     agreement = trend.square()
@@ -268,12 +307,15 @@ def adaptive_update(
     release: torch.Tensor | float = 0.0,
     floor_decay: torch.Tensor | float = 1.0,
     apply_variance_ratio: bool = True,
+    precision: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, RateState, torch.Tensor]:
     """One adaptive closed-form step from the frozen ``(loc, scale)``; ``release`` and
     ``floor_decay`` are :func:`~pyro_scorevi.step_rules.cap_release` and
     :func:`~pyro_scorevi.step_rules.floor_decay` of the loss's progress;
     ``apply_variance_ratio=False`` leaves the variance ratio out (a guide in the dense metric, whose
-    ``stats.mean_score`` is :func:`dense_mean_score`).
+    ``stats.mean_score`` is :func:`dense_mean_score`); ``precision``: the
+    :func:`settled_precision` of such a guide, the log-precisions' target once the loss has
+    stopped falling (``AdaptiveStep.settled_scale_rate``).
 
     Returns:
         ``(new_loc, new_scale, new_rates, mean_rate)``; ``mean_rate`` is the per-coordinate
@@ -281,6 +323,9 @@ def adaptive_update(
     """
     w = scale.square()
     spread, cross = _moments(stats)
+    settled = _settles(rule, precision, release)
+    if settled:
+        stats, cross, target = _settled_statistics(stats, spread, cross, precision, release)
     mean_direction, precision_direction = _directions(w, stats, spread, cross)
     mean_trend, mean_memory, mean_agreement = _trend(
         rates.mean_trend, rates.mean_memory, mean_direction, rule.min_memory, rule.max_memory
@@ -306,6 +351,9 @@ def adaptive_update(
     cap_rate = mean_rate.clamp_min(release * trust * rule.mean_rate_floor)
     capped = torch.minimum(scale_rate, rule.scale_to_mean_rate * cap_rate)
     scale_rate = torch.where((mean_direction == 0) & informed, scale_rate, capped)
+    if settled:  # toward a low-noise target: at least this rate, past the cap
+        least = torch.where(target, release * trust * rule.settled_scale_rate, 0.0)
+        scale_rate = torch.maximum(scale_rate, least)
     # The means' floor (not the scales'): noisy coordinates keep learning while the loss
     # falls; once it has stopped, the floor decays like 1/t (no noise floor at the mode).
     mean_rate = mean_rate.clamp_min(floor_decay * trust * rule.mean_rate_floor)

@@ -34,6 +34,7 @@ from pyro_scorevi.adaptive import (
     init_curvature,
     init_rates,
     refresh_curvature,
+    settled_precision,
     update_curvature,
 )
 from pyro_scorevi.proximal import ScoreStatistics, diagonal_proximal_update
@@ -180,12 +181,13 @@ def update(
     release = float(
         cap_release(rule, state.loss_fast, state.loss_slow, state.loss_noise, state.step, np)
     )
-    curvature = state.curvature
+    curvature, precision = state.curvature, None
     if dense:  # the refreshed factors are kept only if the step is accepted
         curvature = refresh_curvature(curvature, state.scale, rule)
         score = dense_mean_score(curvature, stats.mean_score)
         if score is not None:
             stats = stats._replace(mean_score=score)
+        precision = settled_precision(curvature)
     new_loc, new_scale, rates, _ = adaptive_update(
         state.loc,
         state.scale,
@@ -196,6 +198,7 @@ def update(
         release,
         floor_decay(rule, state.released),
         apply_variance_ratio=not dense,
+        precision=precision,
     )
     if not bool(torch.isfinite(new_loc).all() & torch.isfinite(new_scale).all()):
         return _rejected(state, loss, rule)

@@ -26,3 +26,14 @@ def _reset_pyro():
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
     yield
+
+
+@pytest.fixture
+def jax_x64():
+    """float64 JAX for one test, restored after it (the flag is process-global: left on, it
+    changed the dtypes of later NumPyro tests in the same worker)."""
+    jax = pytest.importorskip("jax")
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield jax
+    jax.config.update("jax_enable_x64", previous)

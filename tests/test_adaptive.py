@@ -167,17 +167,6 @@ def test_noise_dominated_means_keep_the_floor_rate(backend):
     assert rates_seen[0.0] < 0.1 * floor
 
 
-@pytest.fixture
-def jax_x64():
-    """float64 JAX for one test, restored after it (the flag is process-global: left on, it
-    changed the dtypes of later NumPyro tests in the same worker)."""
-    jax = pytest.importorskip("jax")
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield jax
-    jax.config.update("jax_enable_x64", previous)
-
-
 def test_adaptive_update_torch_jax_parity(jax_x64):
     import jax.numpy as jnp
 

@@ -20,15 +20,6 @@ from pyro_scorevi import AdaptiveStep, ScoreProximalSVI
 RHO = 0.998
 
 
-@pytest.fixture
-def jax_x64():
-    jax = pytest.importorskip("jax")
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield jax
-    jax.config.update("jax_enable_x64", previous)
-
-
 MEAN = (3.0, -2.0)
 
 

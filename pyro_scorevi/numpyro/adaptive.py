@@ -26,6 +26,7 @@ __all__ = [
     "update_curvature",
     "adaptive_update",
     "scale_bounds",
+    "settled_precision",
     "step_directions",
     "variance_ratio",
 ]
@@ -68,6 +69,7 @@ class CurvatureState(NamedTuple):
     root: jax.Array
     curved: jax.Array
     refreshed: jax.Array
+    diagonal: jax.Array
 
 
 def init_curvature(loc: jax.Array) -> CurvatureState:
@@ -84,6 +86,7 @@ def init_curvature(loc: jax.Array) -> CurvatureState:
         vector,
         jnp.zeros(d, bool),
         jnp.full((), -1.0, loc.dtype),
+        vector,
     )
 
 
@@ -109,12 +112,13 @@ def update_curvature(
 
 
 def dense_factors(curvature: CurvatureState, scale: jax.Array, rule: AdaptiveStep):
-    """``((V, floored Lambda, D^{1/2}, curved), ok)`` (see the torch mirror)."""
+    """``((V, floored Lambda, D^{1/2}, curved, diag H), ok)`` (see the torch mirror)."""
     spread = curvature.spread
     jitter = jnp.diag(1e-3 * jnp.diagonal(spread) + jnp.finfo(spread.dtype).tiny ** 0.5)
     hessian = -jnp.linalg.solve(spread + jitter, curvature.cross.T).T
     hessian = 0.5 * (hessian + hessian.T)
-    curved = jnp.diagonal(hessian) > 0  # as torch
+    diagonal = jnp.diagonal(hessian)
+    curved = diagonal > 0  # as torch
     hessian = jnp.where(curved[:, None] & curved[None, :], hessian, 0.0)
     root = scale
     whitened = root[:, None] * hessian * root[None, :]
@@ -124,7 +128,7 @@ def dense_factors(curvature: CurvatureState, scale: jax.Array, rule: AdaptiveSte
         eigenvalues > floor, eigenvalues, jnp.where(eigenvalues > 0, floor, 1.0)
     )
     ok = jnp.all(jnp.isfinite(whitened)) & jnp.all(jnp.isfinite(vectors))
-    return (vectors, eigenvalues, root, curved), ok
+    return (vectors, eigenvalues, root, curved, diagonal), ok
 
 
 def refresh_curvature(
@@ -138,13 +142,14 @@ def refresh_curvature(
     )
 
     def refresh(curvature):
-        (vectors, eigenvalues, root, curved), ok = dense_factors(curvature, scale, rule)
+        (vectors, eigenvalues, root, curved, diagonal), ok = dense_factors(curvature, scale, rule)
         new = curvature._replace(
             vectors=vectors,
             eigenvalues=eigenvalues,
             root=root,
             curved=curved,
             refreshed=curvature.count,
+            diagonal=diagonal,
         )
         failed = curvature._replace(refreshed=jnp.full_like(curvature.refreshed, -1.0))
         return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, failed)
@@ -160,6 +165,13 @@ def dense_mean_score(curvature: CurvatureState, mean_score: jax.Array):
     score = jnp.where(curvature.curved, score, mean_score)
     used = (curvature.refreshed >= 0) & jnp.all(jnp.isfinite(score))
     return jnp.where(used, score, mean_score), used
+
+
+def settled_precision(curvature: CurvatureState) -> jax.Array:
+    """The diagonal of the last refresh where it is positive, else 0 (no target; also before
+    the first refresh; see the torch mirror)."""
+    valid = (curvature.refreshed >= 0) & curvature.curved
+    return jnp.where(valid, curvature.diagonal, 0.0)
 
 
 def scale_bounds(dtype) -> tuple[float, float]:
@@ -202,6 +214,14 @@ def _ratio(w, spread, cross, rule, release):
     return 1 + (ratio - 1) * (1 - release)
 
 
+def _settled_statistics(stats, spread, cross, precision, release):
+    """``(stats, cross, where)`` with the blended precision target (see the torch mirror)."""
+    target = precision > 0
+    blended = jnp.where(target, (1 - release) * cross - release * precision * spread, cross)
+    stats = stats._replace(mean_offset_score=blended + stats.mean_offset * stats.mean_score)
+    return stats, blended, target
+
+
 def _trend(trend, memory, direction, min_memory, max_memory):
     trend = trend + (direction - trend) / memory
     agreement = jnp.square(trend)
@@ -225,13 +245,19 @@ def adaptive_update(
     release: jax.Array | float = 0.0,
     floor_decay: jax.Array | float = 1.0,
     apply_variance_ratio: bool = True,
+    precision: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, RateState, jax.Array]:
     """One adaptive closed-form step; returns ``(new_loc, new_scale, new_rates, mean_rate)``;
-    ``apply_variance_ratio=False``: no variance ratio (a guide in the dense metric)."""
+    ``apply_variance_ratio=False``: no variance ratio (a guide in the dense metric);
+    ``precision``: its :func:`settled_precision` (see the torch mirror)."""
     dtype = scale.dtype
     trust = jnp.asarray(trust, dtype)
     w = jnp.square(scale)
     spread, cross = _moments(stats)
+    settled = precision is not None and rule.settled_scale_rate > 0
+    if settled:
+        release = jnp.asarray(release, dtype)
+        stats, cross, target = _settled_statistics(stats, spread, cross, precision, release)
     mean_direction, precision_direction = _directions(w, stats, spread, cross)
     mean_trend, mean_memory, mean_agreement = _trend(
         rates.mean_trend, rates.mean_memory, mean_direction, rule.min_memory, rule.max_memory
@@ -249,6 +275,9 @@ def adaptive_update(
     cap_rate = jnp.maximum(mean_rate, release * trust * rule.mean_rate_floor)  # as torch
     capped = jnp.minimum(scale_rate, rule.scale_to_mean_rate * cap_rate)
     scale_rate = jnp.where((mean_direction == 0) & informed, scale_rate, capped)  # as torch
+    if settled:
+        least = jnp.where(target, release * trust * rule.settled_scale_rate, 0.0)
+        scale_rate = jnp.maximum(scale_rate, least)
     mean_rate = jnp.maximum(mean_rate, floor_decay * trust * rule.mean_rate_floor)
     proposed_loc, proposed_scale = diagonal_proximal_update(
         loc,

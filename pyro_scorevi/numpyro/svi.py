@@ -65,6 +65,7 @@ from pyro_scorevi.numpyro.adaptive import (
     init_curvature,
     init_rates,
     refresh_curvature,
+    settled_precision,
     update_curvature,
 )
 from pyro_scorevi.numpyro.guides import (
@@ -659,6 +660,7 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
         )
         score = _unflat(score, locs)
         stats = {k: stats[k]._replace(mean_score=score[k]) for k in locs}
+        precision = _unflat(settled_precision(refreshed), locs)
     new_locs, new_scales, new_rates = {}, {}, {}
     for k in locs:
         new_locs[k], new_scales[k], new_rates[k], _ = adaptive_update(
@@ -671,6 +673,7 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
             release,
             decay,
             apply_variance_ratio=not dense,
+            precision=precision[k] if dense else None,
         )
     accepted = ~revert & finite & _all_finite((new_locs, new_scales))
     if dense:  # the refreshed factors are kept only if the step is accepted (as torch)
