@@ -1,0 +1,136 @@
+"""Where the digits-mlp targets of issue 11 meet: test NLL against full-data -ELBO (NumPyro).
+
+Issue 11 asks of one fit at 3000 gradient evaluations (1500 steps, S = 2) a test NLL <= 0.75x
+and an ECE <= 0.5x `Trace_ELBO`'s, *and* a full-data -ELBO no higher than `Trace_ELBO`'s. Two
+probes of the mean-field family on this network, seed by seed:
+
+* ``scales``: from the means of a 1500-step `ScoreProximalSVI` fit (the NLL target met), only
+  the scales are fitted further by `Trace_ELBO` + Adam: the lowest -ELBO those means allow,
+  and the NLL on the way there;
+* ``shrink``: the guide of a long fit (``--long-steps`` of `Trace_ELBO` + Adam(0.01), or of
+  `ScoreProximalSVI` with ``--long-method scoreprox``) with every scale multiplied by ``c``: a
+  guide whose -ELBO and NLL both meet the targets, if one exists near the optimum.
+
+Run: ``python benchmarks/experiments/mlp_frontier.py --seeds 0`` (about 2 minutes); the table is
+on docs/algorithm_sweeps.md, "Can one fit meet every digits-mlp target?".
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import numpy as np
+
+
+def _setup(seed: int, method: str):
+    import jax
+    import numpyro
+    from numpyro.infer import SVI, Trace_ELBO
+    from numpyro.infer.autoguide import AutoNormal
+    from numpyro.infer.initialization import init_to_median
+
+    from pyro_scorevi.compare.problems import get_problem
+    from pyro_scorevi.numpyro import ScoreProximalSVI
+
+    problem = get_problem("digits-mlp")
+    model, args, kwargs = problem.numpyro_model_and_args()
+    model = functools.partial(model, *args, **kwargs)
+    guide = AutoNormal(model, init_loc_fn=init_to_median, init_scale=problem.init_scale)
+    if method == "elbo":
+        svi = SVI(model, guide, numpyro.optim.Adam(problem.elbo_lr), Trace_ELBO(num_particles=2))
+    else:
+        svi = ScoreProximalSVI(model, guide, num_particles=2)
+    state = svi.init(jax.random.PRNGKey(seed))
+    return problem, model, svi, state, jax.jit(svi.update)
+
+
+def _fit(seed: int, method: str, steps: int):
+    problem, model, svi, state, update = _setup(seed, method)
+    for _ in range(steps):
+        state, _ = update(state)
+    params = svi.get_params(state)
+    names = problem.latent_names()
+    loc = {n: np.asarray(params[f"{n}_auto_loc"], float) for n in names}
+    scale = {n: np.asarray(params[f"{n}_auto_scale"], float) for n in names}
+    return problem, model, loc, scale
+
+
+def _figures(problem, loc, scale, seed: int) -> str:
+    from pyro_scorevi.compare.runner import neg_elbo
+
+    evaluated = problem.evaluate(loc, scale, seed=seed)
+    elbo = neg_elbo(problem, loc, scale, seed=seed)
+    median = np.median(np.concatenate([v.ravel() for v in scale.values()]))
+    return (
+        f"-ELBO {elbo:.0f} | NLL {evaluated['nll']:.3f} | ECE {evaluated['ece']:.3f} | "
+        f"median sd {median:.3f}"
+    )
+
+
+def scales_only(seed: int, steps: list[int], lr: float) -> None:
+    """The scales of a 1500-step ScoreProximalSVI fit, fitted further with its means fixed."""
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.infer import SVI, Trace_ELBO
+
+    problem, model, loc, scale = _fit(seed, "scoreprox", 1500)
+    print(f"| {seed} | ScoreProximalSVI, 1500 steps | {_figures(problem, loc, scale, seed)} |")
+    fixed = {n: jnp.asarray(v) for n, v in loc.items()}
+
+    def guide():
+        for n, m in fixed.items():
+            s = numpyro.param(
+                f"{n}_scale", jnp.asarray(scale[n]), constraint=dist.constraints.positive
+            )
+            numpyro.sample(n, dist.Normal(m, s).to_event(m.ndim))
+
+    svi = SVI(model, guide, numpyro.optim.Adam(lr), Trace_ELBO(num_particles=2))
+    state = svi.init(jax.random.PRNGKey(seed + 1))
+    update = jax.jit(svi.update)
+    done = 0
+    for target in steps:
+        while done < target:
+            state, _ = update(state)
+            done += 1
+        params = svi.get_params(state)
+        fitted = {n: np.asarray(params[f"{n}_scale"], float) for n in loc}
+        label = f"its means, scales only: {target} steps of Adam({lr})"
+        print(f"| {seed} | {label} | {_figures(problem, loc, fitted, seed)} |")
+
+
+def shrink(seed: int, method: str, steps: int, factors: list[float]) -> None:
+    """A long fit with every scale multiplied by each factor."""
+    problem, _, loc, scale = _fit(seed, method, steps)
+    name = "Trace_ELBO + Adam(0.01)" if method == "elbo" else "ScoreProximalSVI"
+    for c in factors:
+        scaled = {n: c * v for n, v in scale.items()}
+        label = f"{name}, {steps} steps, sds x {c}"
+        print(f"| {seed} | {label} | {_figures(problem, loc, scaled, seed)} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--probes", default="scales,shrink")
+    parser.add_argument("--scale-steps", default="100,300,1000,3000,10000")
+    parser.add_argument("--scale-lr", type=float, default=0.01)
+    parser.add_argument("--long-method", choices=("elbo", "scoreprox"), default="elbo")
+    parser.add_argument("--long-steps", type=int, default=15000)
+    parser.add_argument("--factors", default="1,0.9,0.85,0.8,0.75,0.7,0.5")
+    args = parser.parse_args(argv)
+    probes = args.probes.split(",")
+    print("| seed | guide | -ELBO | NLL | ECE | median sd |\n|---|---|---|---|---|---|")
+    for seed in (int(s) for s in args.seeds.split(",")):
+        if "scales" in probes:
+            scales_only(seed, [int(s) for s in args.scale_steps.split(",")], args.scale_lr)
+        if "shrink" in probes:
+            factors = [float(c) for c in args.factors.split(",")]
+            shrink(seed, args.long_method, args.long_steps, factors)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
