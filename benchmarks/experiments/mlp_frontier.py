@@ -62,10 +62,7 @@ def _figures(problem, loc, scale, seed: int) -> str:
     evaluated = problem.evaluate(loc, scale, seed=seed)
     elbo = neg_elbo(problem, loc, scale, seed=seed)
     median = np.median(np.concatenate([v.ravel() for v in scale.values()]))
-    return (
-        f"-ELBO {elbo:.0f} | NLL {evaluated['nll']:.3f} | ECE {evaluated['ece']:.3f} | "
-        f"median sd {median:.3f}"
-    )
+    return f"{elbo:.0f} | {evaluated['nll']:.3f} | {evaluated['ece']:.3f} | {median:.3f}"
 
 
 def scales_only(seed: int, steps: list[int], lr: float) -> None:
