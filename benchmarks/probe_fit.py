@@ -23,9 +23,10 @@ import time
 import numpy as np
 
 
-def probe(problem_name: str, method: str, rule: dict, checkpoints: list[int], seed: int):
-    """Yields ``(steps, figures)`` at each checkpoint of one fit."""
-    import jax
+def make_svi(problem_name: str, method: str, rule: dict):
+    """``(problem, model, svi)``: the comparison's NumPyro model (data bound), ``AutoNormal``
+    guide and initialisation, with ``Trace_ELBO`` + Adam (``method="elbo"``) or
+    ``ScoreProximalSVI`` under ``AdaptiveStep(**rule)``, S = 2."""
     import numpyro
     from numpyro.infer import SVI, Trace_ELBO
     from numpyro.infer.autoguide import AutoNormal
@@ -33,7 +34,6 @@ def probe(problem_name: str, method: str, rule: dict, checkpoints: list[int], se
 
     from pyro_scorevi import AdaptiveStep
     from pyro_scorevi.compare.problems import get_problem
-    from pyro_scorevi.compare.runner import neg_elbo
     from pyro_scorevi.numpyro import ScoreProximalSVI
 
     problem = get_problem(problem_name)
@@ -45,6 +45,25 @@ def probe(problem_name: str, method: str, rule: dict, checkpoints: list[int], se
         svi = SVI(model, guide, optim, Trace_ELBO(num_particles=2))
     else:
         svi = ScoreProximalSVI(model, guide, num_particles=2, step_rule=AdaptiveStep(**rule))
+    return problem, model, svi
+
+
+def guide_moments(problem, svi, state) -> tuple[dict, dict]:
+    """The ``AutoNormal`` guide's unconstrained ``(loc, scale)`` per latent, as numpy."""
+    params = svi.get_params(state)
+    names = problem.latent_names()
+    loc = {n: np.asarray(params[f"{n}_auto_loc"], float) for n in names}
+    scale = {n: np.asarray(params[f"{n}_auto_scale"], float) for n in names}
+    return loc, scale
+
+
+def probe(problem_name: str, method: str, rule: dict, checkpoints: list[int], seed: int):
+    """Yields ``(steps, figures)`` at each checkpoint of one fit."""
+    import jax
+
+    from pyro_scorevi.compare.runner import neg_elbo
+
+    problem, _, svi = make_svi(problem_name, method, rule)
     state = svi.init(jax.random.PRNGKey(seed))
     update = jax.jit(svi.update)
     steps = 0
@@ -52,10 +71,7 @@ def probe(problem_name: str, method: str, rule: dict, checkpoints: list[int], se
         while steps < target:
             state, _ = update(state)
             steps += 1
-        params = svi.get_params(state)
-        names = problem.latent_names()
-        loc = {n: np.asarray(params[f"{n}_auto_loc"], float) for n in names}
-        scale = {n: np.asarray(params[f"{n}_auto_scale"], float) for n in names}
+        loc, scale = guide_moments(problem, svi, state)
         evaluated = problem.evaluate(loc, scale, seed=seed)
         figures = {k: float(v) for k, v in evaluated.items() if np.isscalar(v)}
         figures["full_data_neg_elbo"] = neg_elbo(problem, loc, scale, seed=seed)

@@ -153,35 +153,25 @@ def test_settled_target_blends_by_release_and_is_off_while_the_loss_falls(jax_x6
     raw = [offsets.mean(0), (offsets**2).mean(0), (offsets * scores).mean(0), scores.mean(0)]
     precision = np.array([3.0, 0.5, 0.0, 2.0, 1.0])  # 0: no target on coordinate 2
     rule = AdaptiveStep()
-    t_rates = tad.init_rates(torch.tensor(loc), rule)
-    j_rates = jad.init_rates(jnp.asarray(loc), rule)
+    backends = {
+        "torch": (tad, torch.tensor, ScoreStatistics, lambda x: x.numpy()),
+        "jax": (jad, jnp.asarray, JStats, np.asarray),
+    }
 
     def step(backend, release, target):
-        if backend == "torch":
-            out = tad.adaptive_update(
-                torch.tensor(loc),
-                torch.tensor(scale),
-                ScoreStatistics(*map(torch.tensor, raw)),
-                t_rates,
-                1.0,
-                rule,
-                release,
-                apply_variance_ratio=False,
-                precision=None if target is None else torch.tensor(target),
-            )
-            return [out[0].numpy(), out[1].numpy()]
-        out = jad.adaptive_update(
-            jnp.asarray(loc),
-            jnp.asarray(scale),
-            JStats(*map(jnp.asarray, raw)),
-            j_rates,
+        ad, array, statistics, to_numpy = backends[backend]
+        new_loc, new_scale, _, _ = ad.adaptive_update(
+            array(loc),
+            array(scale),
+            statistics(*map(array, raw)),
+            ad.init_rates(array(loc), rule),
             1.0,
             rule,
             release,
             apply_variance_ratio=False,
-            precision=None if target is None else jnp.asarray(target),
+            precision=None if target is None else array(target),
         )
-        return [np.asarray(out[0]), np.asarray(out[1])]
+        return [to_numpy(new_loc), to_numpy(new_scale)]
 
     for backend in ("torch", "jax"):
         for a, b in zip(step(backend, 0.0, precision), step(backend, 0.0, None)):

@@ -18,42 +18,24 @@ on docs/algorithm_sweeps.md, "Can one fit meet every digits-mlp target?".
 from __future__ import annotations
 
 import argparse
-import functools
+import sys
+from pathlib import Path
 
 import numpy as np
 
-
-def _setup(seed: int, method: str):
-    import jax
-    import numpyro
-    from numpyro.infer import SVI, Trace_ELBO
-    from numpyro.infer.autoguide import AutoNormal
-    from numpyro.infer.initialization import init_to_median
-
-    from pyro_scorevi.compare.problems import get_problem
-    from pyro_scorevi.numpyro import ScoreProximalSVI
-
-    problem = get_problem("digits-mlp")
-    model, args, kwargs = problem.numpyro_model_and_args()
-    model = functools.partial(model, *args, **kwargs)
-    guide = AutoNormal(model, init_loc_fn=init_to_median, init_scale=problem.init_scale)
-    if method == "elbo":
-        svi = SVI(model, guide, numpyro.optim.Adam(problem.elbo_lr), Trace_ELBO(num_particles=2))
-    else:
-        svi = ScoreProximalSVI(model, guide, num_particles=2)
-    state = svi.init(jax.random.PRNGKey(seed))
-    return problem, model, svi, state, jax.jit(svi.update)
+sys.path.insert(0, str(Path(__file__).parent.parent))  # benchmarks/, for probe_fit
 
 
 def _fit(seed: int, method: str, steps: int):
-    problem, model, svi, state, update = _setup(seed, method)
+    import jax
+    from probe_fit import guide_moments, make_svi
+
+    problem, model, svi = make_svi("digits-mlp", method, {})
+    state = svi.init(jax.random.PRNGKey(seed))
+    update = jax.jit(svi.update)
     for _ in range(steps):
         state, _ = update(state)
-    params = svi.get_params(state)
-    names = problem.latent_names()
-    loc = {n: np.asarray(params[f"{n}_auto_loc"], float) for n in names}
-    scale = {n: np.asarray(params[f"{n}_auto_scale"], float) for n in names}
-    return problem, model, loc, scale
+    return problem, model, *guide_moments(problem, svi, state)
 
 
 def _figures(problem, loc, scale, seed: int) -> str:
