@@ -206,9 +206,10 @@ class AdaptiveStep:
     #: above: noisier, 0.008-0.07; a target with no least rate: 0.013-0.020); over 3 seeds
     #: 0.039 -> 0.0023 in Pyro and 0.036 -> 0.0053 in NumPyro (``Trace_ELBO`` 0.241 and
     #: 0.135). The suite's mean errors are level and its sds closer to the mean-field ideal
-    #: (median |log| 0.030 -> 0.017); on the hold-out probe Scotland's came closer on every
-    #: seed, but one seed of the Nile local level model overshot (sd / mean-field sd 1.45 ->
-    #: 0.48) (``docs/algorithm_sweeps.md``, "The settled precision of small guides").
+    #: (median absolute log-ratio 0.030 -> 0.017); on the hold-out probe Scotland's came
+    #: closer on every seed, but one seed of the Nile local level model overshot (sd /
+    #: mean-field sd 1.45 -> 0.48) (``docs/algorithm_sweeps.md``, "The settled precision of
+    #: small guides").
     settled_scale_rate: float = 0.02
     #: 4: the cap on the scales (``scale_to_mean_rate``) is lifted by a loss that has stopped
     #: falling (its progress below 4 standard errors). On logreg the scales then reach the
