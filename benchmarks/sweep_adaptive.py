@@ -39,8 +39,7 @@ CONFIGS: dict[str, dict] = {
     "scale_to_mean_rate=0.25": {"scale_to_mean_rate": 0.25},
     "max_mean_rate=1": {"max_mean_rate": 1.0},
     "min_mean_radius=0.01": {"min_mean_radius": 0.01, "initial_mean_radius": 1.0},
-    "settled_scale_rate=0 (before)": {"settled_scale_rate": 0.0},
-    "settled_scale_rate=0.1": {"settled_scale_rate": 0.1},
+    "settled_scale_rate=0.02 (opt-in)": {"settled_scale_rate": 0.02},
     "num_alternations=2": {"num_alternations": 2},
     "initial_memory=3": {"initial_memory": 3.0},
 }
