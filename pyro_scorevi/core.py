@@ -187,7 +187,8 @@ def update(
         score = dense_mean_score(curvature, stats.mean_score)
         if score is not None:
             stats = stats._replace(mean_score=score)
-        precision = settled_precision(curvature)
+        if rule.settled_scale_rate > 0:  # opt-in: nothing to compute on the default step
+            precision = settled_precision(curvature)
     new_loc, new_scale, rates, _ = adaptive_update(
         state.loc,
         state.scale,

@@ -660,7 +660,8 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
         )
         score = _unflat(score, locs)
         stats = {k: stats[k]._replace(mean_score=score[k]) for k in locs}
-        precision = _unflat(settled_precision(refreshed), locs)
+        settles = rule.settled_scale_rate > 0  # opt-in: nothing to trace on the default step
+        precision = _unflat(settled_precision(refreshed), locs) if settles else None
     new_locs, new_scales, new_rates = {}, {}, {}
     for k in locs:
         new_locs[k], new_scales[k], new_rates[k], _ = adaptive_update(
@@ -673,7 +674,7 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
             release,
             decay,
             apply_variance_ratio=not dense,
-            precision=precision[k] if dense else None,
+            precision=precision[k] if dense and precision is not None else None,
         )
     accepted = ~revert & finite & _all_finite((new_locs, new_scales))
     if dense:  # the refreshed factors are kept only if the step is accepted (as torch)
