@@ -36,7 +36,9 @@ mu_j| / sd_j with NUTS' mean mu and sd):
   guide parameters at the end), ``stuck``: every step of the last 10% of the budget was
   rejected or non-finite, or the fit is far from the reference (``mean_err > 2``) and its mean
   moved by less than 5% of its remaining distance over the last 25% of the budget
-  (mean_j |m_j(end) - m_j(75%)| / sd_j < 0.05 mean_j |m_j(75%) - mu_j| / sd_j).
+  (mean_j |m_j(end) - m_j(75%)| / sd_j < 0.05 mean_j |m_j(75%) - mu_j| / sd_j);
+  ``collapsed``: some coordinate's sd is below 10% of its mean-field ideal (a geometric mean
+  over the coordinates, or the mean error, can hide one collapsed variance parameter).
 
 The table aggregates seeds: mean of ``mean_err``, max of ``max_err``, geometric mean of
 ``sd_ratio``, mean ``rejected`` and ``wall``, and flag counts. A second table checks the issue's
@@ -94,6 +96,33 @@ STUCK_ERROR = 2.0
 STUCK_MOVE_FRACTION = 0.05
 #: ``stuck``: or every step of this last fraction of the budget was rejected / non-finite.
 STUCK_TAIL = 0.10
+#: ``collapsed``: some coordinate's sd is below this fraction of its mean-field ideal.
+COLLAPSE_FRACTION = 0.10
+#: ``AdaptiveStep(**SCOREPROX_RULE)`` for the ScoreProximalSVI fits (``--rule``); the
+#: defaults when empty.
+SCOREPROX_RULE: dict = {}
+
+
+def parse_rule(text: str) -> dict:
+    """``--rule``: a JSON object of ``AdaptiveStep`` fields (checked here, before any fit)."""
+    if not text:
+        return {}
+    rule = json.loads(text)
+    if not isinstance(rule, dict):
+        raise SystemExit(f"--rule must be a JSON object of AdaptiveStep fields (got {text!r})")
+    from pyro_scorevi import AdaptiveStep
+
+    AdaptiveStep(**rule)  # a bad field or value fails now, not in the first fit
+    return rule
+
+
+def scoreprox_kwargs() -> dict:
+    """The ``step_rule`` of ``--rule`` for ``ScoreProximalSVI`` (nothing: its defaults)."""
+    if not SCOREPROX_RULE:
+        return {}
+    from pyro_scorevi import AdaptiveStep
+
+    return {"step_rule": AdaptiveStep(**SCOREPROX_RULE)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +233,7 @@ def _fit_pyro(
     if algorithm == "elbo":
         svi = SVI(model, guide, pyro.optim.Adam({"lr": ELBO_LR}), Trace_ELBO(num_particles=s))
     else:
-        svi = ScoreProximalSVI(model, guide)
+        svi = ScoreProximalSVI(model, guide, **scoreprox_kwargs())
     sites = [n for n, _ in _site_list(posterior)]
 
     def moments():
@@ -256,7 +285,7 @@ def _fit_numpyro(
     else:
         from pyro_scorevi.numpyro import ScoreProximalSVI
 
-        svi = ScoreProximalSVI(model, guide)
+        svi = ScoreProximalSVI(model, guide, **scoreprox_kwargs())
     state = svi.init(jax.random.PRNGKey(seed), *args)
 
     def chunk(state, data, length):
@@ -399,7 +428,7 @@ def score_fit(posterior: Posterior, fit: FitResult) -> dict:
     m = _flat(fit.loc, sites)
     s = _flat(fit.scale, sites)
     flags = []
-    mf_ratio = float("nan")
+    mf_ratio = min_mf_ratio = float("nan")
     finite = bool(np.all(np.isfinite(m)) and np.all(np.isfinite(s)) and np.all(s > 0))
     if not finite:
         flags.append("nan")
@@ -410,6 +439,9 @@ def score_fit(posterior: Posterior, fit: FitResult) -> dict:
         sd_ratio = float(np.exp(np.mean(np.log(s / sd))))
         if mf_sd is not None:
             mf_ratio = float(np.exp(np.mean(np.log(s / mf_sd))))
+            min_mf_ratio = float(np.min(s / mf_sd))
+            if min_mf_ratio < COLLAPSE_FRACTION:
+                flags.append("collapsed")
     tail = fit.bad_steps[-max(int(round(STUCK_TAIL * fit.steps)), 1) :]
     moved = remaining = float("nan")
     stuck = bool(len(tail) and tail.all())
@@ -426,6 +458,7 @@ def score_fit(posterior: Posterior, fit: FitResult) -> dict:
         "max_err": max_err,
         "sd_ratio": sd_ratio,
         "meanfield_sd_ratio": mf_ratio,
+        "min_meanfield_sd_ratio": min_mf_ratio,
         "rejected": fit.rejected,
         "steps": fit.steps,
         "wall": fit.wall,
@@ -502,6 +535,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
         ok = np.isfinite(ratios) & (ratios > 0)
         mf = np.array([r.get("meanfield_sd_ratio", math.nan) for r in rs], float)
         mf_ok = np.isfinite(mf) & (mf > 0)
+        # Rows written before the column existed have none: NaN, shown as "-".
+        least = np.array([r.get("min_meanfield_sd_ratio", math.nan) for r in rs], float)
         flags: dict[str, int] = {}
         for r in rs:
             for f in r["flags"]:
@@ -516,6 +551,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
                 "sd_ratio": float(np.exp(np.mean(np.log(ratios[ok])))) if ok.any() else math.nan,
                 "meanfield_sd_ratio": float(np.exp(np.mean(np.log(mf[mf_ok]))))
                 if mf_ok.any()
+                else math.nan,
+                "min_meanfield_sd_ratio": float(np.nanmin(least))
+                if np.isfinite(least).any()
                 else math.nan,
                 "rejected": float(np.mean([r["rejected"] for r in rs])),
                 "wall": float(np.nanmean([r["wall"] for r in rs]))
@@ -542,14 +580,15 @@ def _flags(flags: dict[str, int], seeds: int) -> str:
 def markdown_table(agg: list[dict]) -> str:
     lines = [
         "| posterior | method | mean err (sd) | max err | sd ratio | sd / mean-field sd |"
-        " rejected | wall s | flags |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        " least sd / mean-field sd | rejected | wall s | flags |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for a in agg:
         lines.append(
             f"| {a['posterior']} | {a['method']} | {_num(a['mean_err'])} | "
             f"{_num(a['max_err'], '.1f')} | {_num(a['sd_ratio'])} | "
-            f"{_num(a['meanfield_sd_ratio'])} | {_num(a['rejected'], '.0f')}"
+            f"{_num(a['meanfield_sd_ratio'])} | {_num(a.get('min_meanfield_sd_ratio'), '.3f')}"
+            f" | {_num(a['rejected'], '.0f')}"
             f" | {_num(a['wall'], '.2f')} | {_flags(a['flags'], a['seeds'])} |"
         )
     return "\n".join(lines)
@@ -648,6 +687,13 @@ def main(argv: list[str] | None = None) -> int:
         help="guide initialisation: each AutoNormal's own default (Pyro init_to_feasible, "
         "NumPyro init_to_uniform), or the named init_loc_fn in both backends",
     )
+    parser.add_argument(
+        "--rule",
+        default="",
+        metavar="JSON",
+        help="ScoreProximalSVI under AdaptiveStep(**JSON), e.g. '{\"settled_scale_rate\": 0.02}' "
+        "(an opt-in measured without changing the defaults); its defaults when empty",
+    )
     parser.add_argument("--out", default=None, help="write rows and aggregates as JSON here")
     parser.add_argument("--quiet", action="store_true", help="no per-fit progress lines")
     parser.add_argument(
@@ -657,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         help="fit nothing: print the tables of earlier --out files (rows merged, later wins)",
     )
     args = parser.parse_args(argv)
+    SCOREPROX_RULE.update(parse_rule(args.rule))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.render:
         merged: dict = {}
@@ -693,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
                     + " ".join(argv if argv is not None else sys.argv[1:]),
                     "evals": args.evals,
                     "init": args.init,
+                    "rule": SCOREPROX_RULE,
                     "num_particles": defaults.NUM_PARTICLES,
                     "seeds": seeds,
                     "seconds": elapsed,

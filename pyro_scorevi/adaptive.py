@@ -272,11 +272,13 @@ def _settles(rule, precision, release) -> bool:
     )
 
 
-def _settled_statistics(stats, spread, cross, precision, release):
+def _settled_statistics(stats, spread, cross, precision, release, w, band):
     """The statistics whose Stein precision target :math:`-\\mathrm{Cov}/\\mathrm{Var}` is
     :math:`(1 - r)` times the step's own plus :math:`r` times ``precision`` (:math:`r` =
-    ``release``) where ``precision > 0``; returns ``(stats, cross, where)``."""
-    target = precision > 0
+    ``release``) where ``precision > 0`` lies within a factor ``band`` of the guide's
+    :math:`1/w`; returns ``(stats, cross, where)``."""
+    ratio = precision * w
+    target = (precision > 0) & (ratio <= band) & (ratio * band >= 1)
     blended = torch.where(target, (1 - release) * cross - release * precision * spread, cross)
     stats = stats._replace(mean_offset_score=blended + stats.mean_offset * stats.mean_score)
     return stats, blended, target
@@ -325,7 +327,9 @@ def adaptive_update(
     spread, cross = _moments(stats)
     settled = _settles(rule, precision, release)
     if settled:
-        stats, cross, target = _settled_statistics(stats, spread, cross, precision, release)
+        stats, cross, target = _settled_statistics(
+            stats, spread, cross, precision, release, w, rule.settled_band
+        )
     mean_direction, precision_direction = _directions(w, stats, spread, cross)
     mean_trend, mean_memory, mean_agreement = _trend(
         rates.mean_trend, rates.mean_memory, mean_direction, rule.min_memory, rule.max_memory

@@ -413,8 +413,10 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=",".join(suite.DEFAULT_METHODS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--evals", type=int, default=suite.DEFAULT_EVALS)
+    parser.add_argument("--rule", default="", metavar="JSON", help="as posterior_suite.py's")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    suite.SCOREPROX_RULE.update(suite.parse_rule(args.rule))
     logging.basicConfig(level=logging.WARNING)
     names = register()
     if args.posteriors != "all":
@@ -431,7 +433,7 @@ def main(argv=None) -> int:
     suite.print_tables(agg)
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump({"rows": rows, "aggregate": agg}, fh)
+            json.dump({"rows": rows, "aggregate": agg, "rule": suite.SCOREPROX_RULE}, fh)
     return 0
 
 

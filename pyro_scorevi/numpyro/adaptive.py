@@ -214,9 +214,10 @@ def _ratio(w, spread, cross, rule, release):
     return 1 + (ratio - 1) * (1 - release)
 
 
-def _settled_statistics(stats, spread, cross, precision, release):
+def _settled_statistics(stats, spread, cross, precision, release, w, band):
     """``(stats, cross, where)`` with the blended precision target (see the torch mirror)."""
-    target = precision > 0
+    ratio = precision * w
+    target = (precision > 0) & (ratio <= band) & (ratio * band >= 1)
     blended = jnp.where(target, (1 - release) * cross - release * precision * spread, cross)
     stats = stats._replace(mean_offset_score=blended + stats.mean_offset * stats.mean_score)
     return stats, blended, target
@@ -257,7 +258,9 @@ def adaptive_update(
     settled = precision is not None and rule.settled_scale_rate > 0
     if settled:
         release = jnp.asarray(release, dtype)
-        stats, cross, target = _settled_statistics(stats, spread, cross, precision, release)
+        stats, cross, target = _settled_statistics(
+            stats, spread, cross, precision, release, w, rule.settled_band
+        )
     mean_direction, precision_direction = _directions(w, stats, spread, cross)
     mean_trend, mean_memory, mean_agreement = _trend(
         rates.mean_trend, rates.mean_memory, mean_direction, rule.min_memory, rule.max_memory
