@@ -278,10 +278,17 @@ def _settled_statistics(stats, spread, cross, precision, release, w, band):
     ``release``) where ``precision > 0`` lies within a factor ``band`` of the guide's
     :math:`1/w`; returns ``(stats, cross, where)``."""
     ratio = precision * w
-    target = (precision > 0) & (ratio <= band) & (ratio * band >= 1)
-    blended = torch.where(target, (1 - release) * cross - release * precision * spread, cross)
-    stats = stats._replace(mean_offset_score=blended + stats.mean_offset * stats.mean_score)
-    return stats, blended, target
+    # release > 0: at r = 0 the statistics are the step's own, bit for bit (traced r too).
+    target = (precision > 0) & (ratio <= band) & (ratio * band >= 1) & (release > 0)
+    blended = (1 - release) * cross - release * precision * spread
+    offset_score = torch.where(
+        target, blended + stats.mean_offset * stats.mean_score, stats.mean_offset_score
+    )
+    return (
+        stats._replace(mean_offset_score=offset_score),
+        torch.where(target, blended, cross),
+        target,
+    )
 
 
 def _trend(trend, memory, direction, min_memory, max_memory):

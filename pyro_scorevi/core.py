@@ -210,7 +210,7 @@ def update(
         elif state.step == 0:  # no noise sample yet
             noise = float(initial_noise(loss, np))
     fast, slow = (
-        float(v) for v in progress_means(rule, state.loss_fast, state.loss_slow, loss, np)
+        float(v) for v in progress_means(rule, state.loss_fast, state.loss_slow, loss, np, noise)
     )
     new_state = state._replace(
         loc=new_loc,

@@ -34,6 +34,7 @@ __all__ = [
     "initial_noise",
     "noise_average",
     "progress_means",
+    "release_threshold",
     "resolve_step_rule",
 ]
 
@@ -104,6 +105,12 @@ class AdaptiveStep:
             step-to-step noise, ``release`` :math:`= \\operatorname{clip}(1 - (S - F) /
             (z\\,\\sigma/\\sqrt{2\\tau_f}), 0, 1)` after :math:`\\tau_s` accepted steps
             (0 before), :math:`z` = ``release_noise``; ``release_noise=0`` keeps the cap always.
+        progress_bound: :math:`B`; after each accepted step :math:`S` is lowered to at most
+            :math:`F + B z\\sigma/\\sqrt{2\\tau_f}`, so that the progress never reads more than
+            :math:`B` release thresholds: the slow mean forgets a huge start (a loss of 1e6 at
+            the first step and 700 at the mode) within :math:`\\tau_s \\ln B` steps of the loss
+            having stopped falling, not :math:`\\tau_s \\ln(L_0/\\sigma)`. A loss falling at a
+            steady rate below the bound is read as before. ``inf`` keeps the plain running mean.
         max_variance_ratio: :math:`M \\ge 1`; the mean's closed-form step is multiplied by
             :math:`1 + (\\operatorname{clip}(\\hat v_j / s_j^2, 1, M) - 1)(1 - \\text{release})`,
             where :math:`\\hat v_j = \\mathrm{Var}\\,\\delta_j / (-\\mathrm{Cov}(\\delta_j,
@@ -233,6 +240,7 @@ class AdaptiveStep:
     release_noise: float = 4.0
     progress_fast_memory: float = 10.0
     progress_slow_memory: float = 100.0
+    progress_bound: float = float("inf")
     #: 300: a subsampled regression (N/B = 47) ends within 0.3 posterior sds (0.4-1.3 with the
     #: floor never decaying, 0.2 with 100) and logreg's mean error is 0.21 sd (0.29 with 100,
     #: 0.15 never decaying; ``docs/algorithm_sweeps.md``).
@@ -353,6 +361,13 @@ class AdaptiveStep:
                 f"max_variance_ratio must satisfy max_variance_ratio >= 1 (got {ratio!r}); 1 "
                 "keeps the mean's step in the guide's own variance."
             )
+        bound = self.progress_bound
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound >= 1:
+            raise ValueError(
+                f"progress_bound must satisfy progress_bound >= 1 (got progress_bound = "
+                f"{bound!r}); e.g. progress_bound=10.0, or float('inf') for the plain running "
+                "mean."
+            )
         if not 1 <= self.progress_fast_memory < self.progress_slow_memory:
             raise ValueError(
                 "the progress memories must satisfy 1 <= progress_fast_memory < "
@@ -436,7 +451,7 @@ def cap_release(rule: AdaptiveStep, fast: Any, slow: Any, noise: Any, accepted_s
     if rule.release_noise == 0:
         return xp.zeros(())
     progress = slow - fast
-    threshold = rule.release_noise * xp.sqrt(noise / (2 * rule.progress_fast_memory))
+    threshold = release_threshold(rule, noise, xp)
     safe = xp.where(threshold > 0, threshold, 1.0)
     release = xp.where(threshold > 0, xp.clip(1 - progress / safe, 0.0, 1.0), progress <= 0)
     ready = (accepted_steps >= rule.progress_slow_memory) & xp.isfinite(progress)
@@ -451,11 +466,22 @@ def floor_decay(rule: AdaptiveStep, released: Any) -> Any:
     return rule.floor_memory / (rule.floor_memory + released)
 
 
-def progress_means(rule: AdaptiveStep, fast: Any, slow: Any, loss: Any, xp):
-    """The running means :math:`(F, S)` after an accepted loss (both start at the first)."""
+def release_threshold(rule: AdaptiveStep, noise: Any, xp) -> Any:
+    """:math:`z\\,\\sigma/\\sqrt{2\\tau_f}`: ``release_noise`` standard errors of the fast mean."""
+    return rule.release_noise * xp.sqrt(noise / (2 * rule.progress_fast_memory))
+
+
+def progress_means(rule: AdaptiveStep, fast: Any, slow: Any, loss: Any, xp, noise: Any = None):
+    """The running means :math:`(F, S)` after an accepted loss (both start at the first);
+    with the loss's noise variance ``noise`` (after this loss), :math:`S` at most
+    :math:`F` plus ``progress_bound`` release thresholds (:class:`AdaptiveStep`)."""
     first = xp.isnan(fast)
     fast = xp.where(first, loss, fast + (loss - fast) / rule.progress_fast_memory)
     slow = xp.where(first, loss, slow + (loss - slow) / rule.progress_slow_memory)
+    if noise is not None and rule.progress_bound != float("inf") and rule.release_noise > 0:
+        threshold = release_threshold(rule, noise, xp)
+        bounded = xp.minimum(slow, fast + rule.progress_bound * threshold)
+        slow = xp.where(threshold > 0, bounded, slow)  # no noise measured yet: no bound
     return fast, slow
 
 

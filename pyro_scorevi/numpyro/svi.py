@@ -686,8 +686,14 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
         jnp.minimum(1.0, st.trust * rule.recovery),
         jnp.maximum(MIN_TRUST, st.trust * rule.backoff),
     ).astype(dtype)
-    fast, slow = progress_means(rule, st.loss_fast, st.loss_slow, loss, jnp)
     sample = noise_average(st.loss_noise, loss, st.backup_loss, jnp)
+    noise = jnp.where(
+        accepted & st.has_backup,
+        sample,
+        # No noise sample yet: 25% of the loss, as the torch core.
+        jnp.where(accepted & (state.step == 0), initial_noise(loss, jnp), st.loss_noise),
+    ).astype(dtype)
+    fast, slow = progress_means(rule, st.loss_fast, st.loss_slow, loss, jnp, noise)
     new_rule = AdaptiveState(
         _select(accepted, new_rates, st.rates),
         trust,
@@ -695,12 +701,7 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
         _select(accepted, scales, st.backup_scales),
         jnp.where(accepted, True, jnp.where(revert, False, st.has_backup)),
         jnp.where(accepted, loss, st.backup_loss).astype(dtype),
-        jnp.where(
-            accepted & st.has_backup,
-            sample,
-            # No noise sample yet: 25% of the loss, as the torch core.
-            jnp.where(accepted & (state.step == 0), initial_noise(loss, jnp), st.loss_noise),
-        ).astype(dtype),
+        noise,
         jnp.where(accepted, fast, st.loss_fast).astype(dtype),
         jnp.where(accepted, slow, st.loss_slow).astype(dtype),
         jnp.where(accepted, st.released + release, st.released).astype(dtype),
