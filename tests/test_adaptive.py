@@ -361,6 +361,50 @@ def test_progress_signal_formulas(xp_name):
         AdaptiveStep(release_noise=-1.0)
 
 
+@pytest.mark.parametrize("xp_name", ["numpy", "jax.numpy"])
+def test_progress_bound_forgets_a_huge_start(xp_name):
+    """A loss that falls from 1e6 to a flat 700 (noise sd 2): the plain slow mean reads
+    progress for more than 1000 steps after the fall (about tau_s ln(L_0 / sigma)), so the cap
+    is released late; with ``progress_bound`` B = 10 it comes within tau_s ln B (230) steps of
+    the noise estimate having forgotten the fall's step-to-step differences (about 300 steps at
+    0.9 per step). While the loss falls steadily by less than B thresholds per tau_s, the
+    bound never binds."""
+    import importlib
+
+    from pyro_scorevi.step_rules import cap_release, noise_average, progress_means
+
+    if xp_name == "jax.numpy":
+        pytest.importorskip("jax")
+    xp = importlib.import_module(xp_name)
+    rng = np.random.default_rng(0)
+    fall = 700.0 + (1e6 - 700.0) * np.exp(-np.arange(1500) / 10.0)
+    losses = fall + 2.0 * rng.standard_normal(1500)
+
+    def first_release(rule, losses):
+        fast = slow = float("nan")
+        noise, previous = (0.25 * losses[0]) ** 2, None
+        for t, loss in enumerate(losses):
+            if previous is not None:
+                noise = float(noise_average(noise, loss, previous, xp))
+            fast, slow = (float(v) for v in progress_means(rule, fast, slow, loss, xp, noise))
+            previous = loss
+            if float(cap_release(rule, fast, slow, noise, t + 1, xp)) > 0.5:
+                return t
+        return None
+
+    unbounded = first_release(AdaptiveStep(), losses)
+    assert unbounded is None or unbounded > 1000
+    released = first_release(AdaptiveStep(progress_bound=10.0), losses)
+    assert released is not None and released < 300 + 100 * math.log(10)
+    steady = 5000.0 - 0.5 * np.arange(1500) + 2.0 * rng.standard_normal(1500)  # falling
+    assert first_release(AdaptiveStep(progress_bound=10.0), steady) is None
+    fast, slow = progress_means(AdaptiveStep(progress_bound=10.0), 5.0, 5.0, 15.0, xp, 0.0)
+    assert float(slow) == pytest.approx(5.0 + 10.0 / 100)  # no noise measured: no bound
+    for bad in (0.5, True, "10", math.nan):
+        with pytest.raises(ValueError, match="progress_bound"):
+            AdaptiveStep(progress_bound=bad)
+
+
 def test_adaptive_state_resumes_exactly_after_the_progress_warm_up(tmp_path):
     """Past ``progress_slow_memory`` accepted steps the release and the floor's decay depend on
     the running loss means: ``state_dict`` carries them, so a resumed fit continues bit for bit
