@@ -367,8 +367,8 @@ def test_progress_bound_forgets_a_huge_start(xp_name):
     progress for more than 1000 steps after the fall (about tau_s ln(L_0 / sigma)), so the cap
     is released late; with ``progress_bound`` B = 10 it comes within tau_s ln B (230) steps of
     the noise estimate having forgotten the fall's step-to-step differences (about 300 steps at
-    0.9 per step). While the loss falls steadily by less than B thresholds per tau_s, the
-    bound never binds."""
+    0.9 per step). A loss still falling steadily (here
+    by 45 thresholds' worth per tau_s) is read as B thresholds: still no release."""
     import importlib
 
     from pyro_scorevi.step_rules import cap_release, noise_average, progress_means
