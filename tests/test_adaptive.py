@@ -368,7 +368,7 @@ def test_progress_bound_forgets_a_huge_start(xp_name):
     is released late; with ``progress_bound`` B = 10 it comes within tau_s ln B (230) steps of
     the noise estimate having forgotten the fall's step-to-step differences (about 300 steps at
     0.9 per step). A loss still falling steadily (here
-    by 45 thresholds' worth per tau_s) is read as B thresholds: still no release."""
+    S - F = 45, 25 thresholds) is read as B thresholds: still no release."""
     import importlib
 
     from pyro_scorevi.step_rules import cap_release, noise_average, progress_means
