@@ -110,13 +110,27 @@ def init_curvature(loc: torch.Tensor) -> CurvatureState:
 
 
 def update_curvature(
-    curvature: CurvatureState, moments: torch.Tensor, stats: ScoreStatistics, rule: AdaptiveStep
+    curvature: CurvatureState,
+    moments: torch.Tensor,
+    stats: ScoreStatistics,
+    rule: AdaptiveStep,
+    restart: bool = False,
 ) -> CurvatureState:
     """Adds one finite step: ``moments`` stacks the particle means of :math:`\\hat g\\delta^\\top`
-    and :math:`\\delta\\delta^\\top`, ``(2d, d)``, centred here with the step's means."""
+    and :math:`\\delta\\delta^\\top`, ``(2d, d)``, centred here with the step's means.
+
+    ``restart`` (``AdaptiveStep.dense_restart``): the moments start again from this step; the
+    last factors stay in use until the memory is full again, the settled precision waits
+    for that refresh."""
     d = moments.shape[-1]
     cross = moments[:d] - torch.outer(stats.mean_score, stats.mean_offset)
     spread = moments[d:] - torch.outer(stats.mean_offset, stats.mean_offset)
+    if restart:
+        curvature = curvature._replace(
+            count=0.0,
+            refreshed=min(curvature.refreshed, 0.0),
+            diagonal=None,
+        )
     count = curvature.count + 1
     weight = 1.0 / min(count, rule.dense_memory_steps(d))
     return curvature._replace(
@@ -291,6 +305,13 @@ def _settled_statistics(stats, spread, cross, precision, release, w, band):
     )
 
 
+def _too_narrow(precision, w, release, band):
+    """Where the settled precision is below the guide's :math:`1/w` by more than the band: the
+    scale is too small by the low-noise estimate, and its growth is not capped by its mean's
+    rate (a scale collapsed far from the mode, where the curvature was larger)."""
+    return (precision > 0) & (precision * w * band < 1) & (release > 0)
+
+
 def _trend(trend, memory, direction, min_memory, max_memory):
     trend = trend + (direction - trend) / memory
     agreement = trend.square()
@@ -361,7 +382,10 @@ def adaptive_update(
     # scales that the sign noise at the mode held back can reach the optimum's.
     cap_rate = mean_rate.clamp_min(release * trust * rule.mean_rate_floor)
     capped = torch.minimum(scale_rate, rule.scale_to_mean_rate * cap_rate)
-    scale_rate = torch.where((mean_direction == 0) & informed, scale_rate, capped)
+    uncapped = (mean_direction == 0) & informed
+    if settled:  # a guide narrower than its settled precision by the band grows uncapped
+        uncapped = uncapped | _too_narrow(precision, w, release, rule.settled_band)
+    scale_rate = torch.where(uncapped, scale_rate, capped)
     if settled:  # toward a low-noise target: at least this rate, past the cap
         least = torch.where(target, release * trust * rule.settled_scale_rate, 0.0)
         scale_rate = torch.maximum(scale_rate, least)

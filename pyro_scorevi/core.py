@@ -159,8 +159,15 @@ def update(
     if isinstance(rule, FixedStep):
         return _fixed_update(state, stats, loss, finite, rule)
     dense = state.curvature is not None
+    release = float(
+        cap_release(rule, state.loss_fast, state.loss_slow, state.loss_noise, state.step, np)
+    )
     if dense and finite and moments is not None and bool(torch.isfinite(moments).all()):
-        state = state._replace(curvature=update_curvature(state.curvature, moments, stats, rule))
+        # The first release (the loss has stopped falling) restarts the memory, opt-in.
+        restart = rule.dense_restart and state.released == 0 and release > 0
+        state = state._replace(
+            curvature=update_curvature(state.curvature, moments, stats, rule, restart)
+        )
     if state.backup_loc is not None:
         tolerance = (
             rule.revert_tolerance * abs(state.backup_loss)
@@ -178,9 +185,6 @@ def update(
             return _failed(reverted), StepInfo(loss, False, True)
     if not finite:
         return _rejected(state, loss, rule)
-    release = float(
-        cap_release(rule, state.loss_fast, state.loss_slow, state.loss_noise, state.step, np)
-    )
     curvature, precision = state.curvature, None
     if dense:  # the refreshed factors are kept only if the step is accepted
         curvature = refresh_curvature(curvature, state.scale, rule)

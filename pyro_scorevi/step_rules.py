@@ -139,6 +139,11 @@ class AdaptiveStep:
         dense_memory, dense_min_memory: the memory of the running curvature, in steps per
             coordinate and at least; the dense metric starts once that many steps are averaged.
         dense_min_eigenvalue: the floor of :math:`\\Lambda`, in ``(0, 1]``.
+        dense_restart: the running curvature starts again once, at the first step the loss has
+            stopped falling (the first ``release > 0``): far from the mode the curvature can
+            be orders of magnitude larger than at it, and a running mean over
+            :math:`\\tau` steps forgets a factor :math:`F` only after :math:`\\tau \\ln F`.
+            The last factors stay in use until the memory is full again.
         settled_scale_rate: on a guide in the dense metric, once the loss has stopped falling,
             each log-precision's Stein target :math:`-\\mathrm{Cov}(\\delta_j, \\hat g_j) /
             \\mathrm{Var}\\,\\delta_j` is replaced, by the fraction ``release``, with the
@@ -216,6 +221,7 @@ class AdaptiveStep:
     #: seed-to-seed swings (cancer-logreg-raw 0.03-1.08, diabetes-raw 1.0-5.3), 0.1 crept
     #: (cancer 2.1-3.6).
     dense_min_eigenvalue: float = 0.03
+    dense_restart: bool = False
     #: 0 (off; opt in with e.g. 0.02). At 0.02 the dense Gaussian's KL gap at 1000
     #: evaluations fell from 0.039 to 0.0023 (Pyro) and from 0.036 to 0.0053 (NumPyro; 3 seeds,
     #: ``Trace_ELBO`` 0.241 and 0.135) and the suite's sds came closer to the mean-field ideal
@@ -342,6 +348,11 @@ class AdaptiveStep:
                 f"settled_scale_rate must satisfy 0 <= settled_scale_rate <= max_scale_rate (got "
                 f"settled_scale_rate = {rate!r}, max_scale_rate = {self.max_scale_rate}); 0 keeps "
                 "each step's own precision target."
+            )
+        if not isinstance(self.dense_restart, bool):
+            raise TypeError(
+                f"dense_restart must be a bool (got {self.dense_restart!r}); e.g. "
+                "dense_restart=True."
             )
         band = self.settled_band
         if isinstance(band, bool) or not isinstance(band, (int, float)) or not band >= 1:

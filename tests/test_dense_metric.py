@@ -196,6 +196,66 @@ def test_dense_metric_torch_jax_parity(jax_x64):
     np.testing.assert_array_equal(np.asarray(same.cross), np.asarray(j_curv.cross))
 
 
+def test_dense_restart_starts_the_moments_again_and_keeps_the_factors(jax_x64):
+    """``restart``: the moments become this step's (weight 1), the count 1; the last factors
+    stay in use (the dense score is unchanged) and are refreshed once the memory is full
+    again; the settled precision waits for that refresh. Both backends, float64."""
+    import jax.numpy as jnp
+
+    from pyro_scorevi import adaptive as tad
+    from pyro_scorevi.numpyro import adaptive as jad
+    from pyro_scorevi.numpyro.proximal import ScoreStatistics as JStats
+    from pyro_scorevi.proximal import ScoreStatistics
+
+    rng = np.random.default_rng(2)
+    d = 3
+    rule = AdaptiveStep(dense_min_memory=4.0, dense_memory=0.5)  # memory 4, refresh every 1
+    scale = np.exp(rng.standard_normal(d))
+    steps = []
+    for _ in range(12):
+        offsets = rng.standard_normal((2, d))
+        scores = rng.standard_normal((2, d)) - offsets
+        stats = [offsets.mean(0), (offsets**2).mean(0), (offsets * scores).mean(0)]
+        stats.append(scores.mean(0))
+        steps.append((np.concatenate([scores.T @ offsets, offsets.T @ offsets]) / 2, stats))
+    curvatures = {}
+    for name, ad, array, statistics, extra in (
+        ("torch", tad, torch.tensor, ScoreStatistics, ()),
+        ("jax", jad, jnp.asarray, JStats, (True,)),
+    ):
+        curvature = ad.init_curvature(array(np.zeros(d)))
+        history = []
+        for k, (moments, stats) in enumerate(steps):
+            curvature = ad.update_curvature(
+                curvature,
+                array(moments),
+                statistics(*map(array, stats)),
+                rule,
+                *extra,
+                **({"restart": True} if k == 8 else {}),
+            )
+            if k == 8:
+                fresh = moments[:d] - np.outer(stats[3], stats[0])
+                np.testing.assert_allclose(np.asarray(curvature.cross), fresh, rtol=1e-12)
+                assert float(curvature.count) == 1
+                before = ad.dense_mean_score(curvature, array(np.ones(d)))
+            curvature = ad.refresh_curvature(curvature, array(scale), rule)
+            history.append(float(curvature.refreshed))
+            if k == 8:
+                after = ad.dense_mean_score(curvature, array(np.ones(d)))
+                if name == "jax":
+                    before, after = before[0], after[0]
+                np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
+                precision = ad.settled_precision(curvature)
+                assert precision is None or not np.any(np.asarray(precision) > 0)
+        # Refreshed from step 4 on (count 4), then again only once the memory is full again.
+        assert history == [-1, -1, -1, 4, 5, 6, 7, 8, 0, 0, 0, 4], history
+        curvatures[name] = curvature
+    np.testing.assert_allclose(
+        curvatures["torch"].cross.numpy(), np.asarray(curvatures["jax"].cross), rtol=1e-12
+    )
+
+
 def test_dense_state_is_carried_by_state_dict_and_resumes_exactly():
     """The running curvature is part of the step's state: a fit resumed from ``state_dict``
     continues bit for bit."""
@@ -244,6 +304,8 @@ def test_dense_options_are_validated():
         AdaptiveStep(dense_min_memory=0.5)
     with pytest.raises(ValueError, match="dense_memory"):
         AdaptiveStep(dense_memory=-1.0)
+    with pytest.raises(TypeError, match="dense_restart"):
+        AdaptiveStep(dense_restart=1)
 
 
 @pytest.mark.parametrize("backend", ["torch", "jax"])

@@ -96,16 +96,27 @@ def update_curvature(
     stats: ScoreStatistics,
     rule: AdaptiveStep,
     finite: jax.Array,
+    restart: jax.Array | bool = False,
 ) -> CurvatureState:
-    """Adds one step where ``finite`` (see the torch mirror); else returns ``curvature``."""
+    """Adds one step where ``finite``; else returns ``curvature``; ``restart``: the moments
+    start again from this step (see the torch mirror)."""
     d = moments.shape[-1]
     cross = moments[:d] - jnp.outer(stats.mean_score, stats.mean_offset)
     spread = moments[d:] - jnp.outer(stats.mean_offset, stats.mean_offset)
-    count = curvature.count + 1
+    start = curvature
+    if restart is not False:
+        start = curvature._replace(
+            count=jnp.where(restart, 0.0, curvature.count).astype(curvature.count.dtype),
+            refreshed=jnp.where(
+                restart, jnp.minimum(curvature.refreshed, 0.0), curvature.refreshed
+            ),
+            diagonal=jnp.where(restart, 0.0, curvature.diagonal),
+        )
+    count = start.count + 1
     weight = 1.0 / jnp.minimum(count, rule.dense_memory_steps(d))
-    new = curvature._replace(
-        cross=curvature.cross + weight * (cross - curvature.cross),
-        spread=curvature.spread + weight * (spread - curvature.spread),
+    new = start._replace(
+        cross=start.cross + weight * (cross - start.cross),
+        spread=start.spread + weight * (spread - start.spread),
         count=count,
     )
     return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, curvature)
@@ -226,6 +237,12 @@ def _settled_statistics(stats, spread, cross, precision, release, w, band):
     return stats._replace(mean_offset_score=offset_score), jnp.where(target, blended, cross), target
 
 
+def _too_narrow(precision, w, release, band):
+    """Where the guide is narrower than its settled precision by the band (see the torch
+    mirror)."""
+    return (precision > 0) & (precision * w * band < 1) & (release > 0)
+
+
 def _trend(trend, memory, direction, min_memory, max_memory):
     trend = trend + (direction - trend) / memory
     agreement = jnp.square(trend)
@@ -280,7 +297,10 @@ def adaptive_update(
     informed = cross != 0
     cap_rate = jnp.maximum(mean_rate, release * trust * rule.mean_rate_floor)  # as torch
     capped = jnp.minimum(scale_rate, rule.scale_to_mean_rate * cap_rate)
-    scale_rate = jnp.where((mean_direction == 0) & informed, scale_rate, capped)  # as torch
+    uncapped = (mean_direction == 0) & informed  # as torch
+    if settled:
+        uncapped = uncapped | _too_narrow(precision, w, release, rule.settled_band)
+    scale_rate = jnp.where(uncapped, scale_rate, capped)
     if settled:
         least = jnp.where(target, release * trust * rule.settled_scale_rate, 0.0)
         scale_rate = jnp.maximum(scale_rate, least)

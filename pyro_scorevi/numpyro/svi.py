@@ -473,7 +473,7 @@ def _unflat(flat: jax.Array, like: dict) -> dict:
     return out
 
 
-def _dense_step_statistics(st, locs, scales, offsets, scores, finite, rule):
+def _dense_step_statistics(st, locs, scales, offsets, scores, finite, rule, restart=False):
     """The dense metric of a small guide: ``(flat dense mean score, updated curvature, the same
     with refreshed factors)`` (see ``AdaptiveStep.dense_max_dim``)."""
     num = next(iter(offsets.values())).shape[0]
@@ -482,7 +482,7 @@ def _dense_step_statistics(st, locs, scales, offsets, scores, finite, rule):
     flat = score_statistics(off, sc)
     moments = jnp.concatenate([sc.T @ off, off.T @ off]) / num
     finite = finite & jnp.all(jnp.isfinite(moments))
-    curvature = update_curvature(st.curvature, moments, flat, rule, finite)
+    curvature = update_curvature(st.curvature, moments, flat, rule, finite, restart)
     refreshed = refresh_curvature(curvature, _flat(scales), rule)
     score, _ = dense_mean_score(refreshed, flat.mean_score)
     return score, curvature, refreshed
@@ -655,8 +655,10 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
     decay = floor_decay(rule, st.released)  # one scalar for every site
     curvature, dense = st.curvature, isinstance(st.curvature, CurvatureState)
     if dense:
+        # The first release (the loss has stopped falling) restarts the memory, opt-in.
+        restart = (st.released == 0) & (release > 0) if rule.dense_restart else False
         score, curvature, refreshed = _dense_step_statistics(
-            st, locs, scales, offsets, scores, finite, rule
+            st, locs, scales, offsets, scores, finite, rule, restart
         )
         score = _unflat(score, locs)
         stats = {k: stats[k]._replace(mean_score=score[k]) for k in locs}
