@@ -417,6 +417,24 @@ def _flat(tree: dict[str, np.ndarray], sites: list[str]) -> np.ndarray:
     return np.concatenate([np.ravel(np.asarray(tree[n], float)) for n in sites])
 
 
+def backfill_least_sd(row: dict) -> dict:
+    """A row written before the least-sd column: ``min_meanfield_sd_ratio`` and the
+    ``collapsed`` flag from its stored flat ``scale`` (as :func:`score_fit` computes them)."""
+    if "min_meanfield_sd_ratio" in row or "scale" not in row:
+        return row
+    ref = reference(row["posterior"])
+    sites = ref["sites"]
+    if not all("meanfield_sd" in ref["latents"][n] for n in sites):
+        return row
+    mf_sd = _flat({n: ref["latents"][n]["meanfield_sd"] for n in sites}, sites)
+    s = np.asarray(row["scale"], float)
+    least = float(np.min(s / mf_sd)) if np.all(np.isfinite(s)) else float("nan")
+    flags = list(row["flags"])
+    if least < COLLAPSE_FRACTION and "collapsed" not in flags:
+        flags.append("collapsed")
+    return {**row, "min_meanfield_sd_ratio": least, "flags": flags}
+
+
 def score_fit(posterior: Posterior, fit: FitResult) -> dict:
     """The figures and flags of one fit against the NUTS reference."""
     ref = reference(posterior.name)
@@ -711,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(path) as fh:
                 for r in json.load(fh)["rows"]:
                     merged[(r["posterior"], r["method"], r["seed"])] = r
-        print_tables(aggregate(list(merged.values())))
+        print_tables(aggregate([backfill_least_sd(r) for r in merged.values()]))
         return 0
 
     posteriors = [get_posterior(n) for n in _names(args.posteriors, POSTERIORS, POSTERIORS)]

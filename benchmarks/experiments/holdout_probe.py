@@ -14,6 +14,7 @@ the suite's own (``posterior_suite.run_one``), so the figures read as the suite'
 
     python benchmarks/experiments/holdout_probe.py                  # all, seeds 0,1,2
     python benchmarks/experiments/holdout_probe.py --posteriors nile-local-level --seeds 0
+    python benchmarks/experiments/holdout_probe.py --render elbo.json scoreprox.json
 """
 
 from __future__ import annotations
@@ -415,10 +416,22 @@ def main(argv=None) -> int:
     parser.add_argument("--evals", type=int, default=suite.DEFAULT_EVALS)
     parser.add_argument("--rule", default="", metavar="JSON", help="as posterior_suite.py's")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--render", nargs="+", metavar="JSON", help="fit nothing: the tables of earlier --out files"
+    )
     args = parser.parse_args(argv)
     suite.SCOREPROX_RULE.update(suite.parse_rule(args.rule))
     logging.basicConfig(level=logging.WARNING)
     names = register()
+    if args.render:
+        refs = _load_refs()
+        suite.reference = lambda name: refs[name]
+        merged = {}
+        for path in args.render:
+            for r in json.loads(pathlib.Path(path).read_text())["rows"]:
+                merged[(r["posterior"], r["method"], r["seed"])] = r
+        suite.print_tables(suite.aggregate([suite.backfill_least_sd(r) for r in merged.values()]))
+        return 0
     if args.posteriors != "all":
         names = [n.strip() for n in args.posteriors.split(",")]
     refs = ensure_references(names)
