@@ -39,7 +39,15 @@ CONFIGS: dict[str, dict] = {
     "scale_to_mean_rate=0.25": {"scale_to_mean_rate": 0.25},
     "max_mean_rate=1": {"max_mean_rate": 1.0},
     "min_mean_radius=0.01": {"min_mean_radius": 0.01, "initial_mean_radius": 1.0},
-    "settled_scale_rate=0.02 (opt-in)": {"settled_scale_rate": 0.02},
+    "settled_scale_rate=0 (before)": {"settled_scale_rate": 0.0},
+    "settled_band=inf": {"settled_band": float("inf")},
+    "progress_bound=inf (before)": {"progress_bound": float("inf")},
+    "dense_restart=False (before)": {"dense_restart": False},
+    "previous release": {
+        "settled_scale_rate": 0.0,
+        "progress_bound": float("inf"),
+        "dense_restart": False,
+    },
     "num_alternations=2": {"num_alternations": 2},
     "initial_memory=3": {"initial_memory": 3.0},
 }
