@@ -80,6 +80,8 @@ class CurvatureState(NamedTuple):
         refreshed: ``count`` at the last refresh; -1 before the first (no factors).
         diagonal: :math:`\\hat H_{jj}` at the last refresh, the precision a mean-field
             guide settles to (:func:`settled_precision`); ``None`` before the first.
+        restarted: whether the moments have started again (``AdaptiveStep.dense_restart``;
+            once per fit).
     """
 
     cross: torch.Tensor
@@ -91,6 +93,7 @@ class CurvatureState(NamedTuple):
     curved: torch.Tensor
     refreshed: float = -1.0
     diagonal: torch.Tensor | None = None
+    restarted: bool = False
 
 
 def init_curvature(loc: torch.Tensor) -> CurvatureState:
@@ -130,6 +133,7 @@ def update_curvature(
             count=0.0,
             refreshed=min(curvature.refreshed, 0.0),
             diagonal=None,
+            restarted=True,
         )
     count = curvature.count + 1
     weight = 1.0 / min(count, rule.dense_memory_steps(d))

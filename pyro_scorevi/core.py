@@ -47,6 +47,7 @@ from pyro_scorevi.step_rules import (
     initial_noise,
     noise_average,
     progress_means,
+    should_restart,
 )
 
 __all__ = [
@@ -163,8 +164,7 @@ def update(
         cap_release(rule, state.loss_fast, state.loss_slow, state.loss_noise, state.step, np)
     )
     if dense and finite and moments is not None and bool(torch.isfinite(moments).all()):
-        # The first release (the loss has stopped falling) restarts the memory, opt-in.
-        restart = rule.dense_restart and state.released == 0 and release > 0
+        restart = bool(should_restart(rule, state.curvature.restarted, release, state.trust, np))
         state = state._replace(
             curvature=update_curvature(state.curvature, moments, stats, rule, restart)
         )

@@ -35,6 +35,7 @@ __all__ = [
     "noise_average",
     "progress_means",
     "release_threshold",
+    "should_restart",
     "resolve_step_rule",
 ]
 
@@ -493,6 +494,15 @@ def floor_decay(rule: AdaptiveStep, released: Any) -> Any:
 def release_threshold(rule: AdaptiveStep, noise: Any, xp) -> Any:
     """:math:`z\\,\\sigma/\\sqrt{2\\tau_f}`: ``release_noise`` standard errors of the fast mean."""
     return rule.release_noise * xp.sqrt(noise / (2 * rule.progress_fast_memory))
+
+
+def should_restart(rule: AdaptiveStep, restarted: Any, release: Any, trust: Any, xp) -> Any:
+    """Whether the running curvature starts again now (``dense_restart``): once per fit, at the
+    first step with the loss stopped falling (``release > 0``) and the trust fully recovered
+    (no rejected step in the last few, so not a noisy start that merely looks flat)."""
+    if not rule.dense_restart:
+        return False
+    return xp.logical_and(xp.logical_not(restarted), (release > 0) & (trust >= 1))
 
 
 def progress_means(rule: AdaptiveStep, fast: Any, slow: Any, loss: Any, xp, noise: Any = None):

@@ -70,6 +70,7 @@ class CurvatureState(NamedTuple):
     curved: jax.Array
     refreshed: jax.Array
     diagonal: jax.Array
+    restarted: jax.Array
 
 
 def init_curvature(loc: jax.Array) -> CurvatureState:
@@ -87,6 +88,7 @@ def init_curvature(loc: jax.Array) -> CurvatureState:
         jnp.zeros(d, bool),
         jnp.full((), -1.0, loc.dtype),
         vector,
+        jnp.zeros((), bool),
     )
 
 
@@ -111,6 +113,7 @@ def update_curvature(
                 restart, jnp.minimum(curvature.refreshed, 0.0), curvature.refreshed
             ),
             diagonal=jnp.where(restart, 0.0, curvature.diagonal),
+            restarted=curvature.restarted | restart,
         )
     count = start.count + 1
     weight = 1.0 / jnp.minimum(count, rule.dense_memory_steps(d))

@@ -93,6 +93,7 @@ from pyro_scorevi.step_rules import (
     initial_noise,
     noise_average,
     progress_means,
+    should_restart,
 )
 
 __all__ = [
@@ -655,8 +656,7 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
     decay = floor_decay(rule, st.released)  # one scalar for every site
     curvature, dense = st.curvature, isinstance(st.curvature, CurvatureState)
     if dense:
-        # The first release (the loss has stopped falling) restarts the memory, opt-in.
-        restart = (st.released == 0) & (release > 0) if rule.dense_restart else False
+        restart = should_restart(rule, st.curvature.restarted, release, st.trust, jnp)
         score, curvature, refreshed = _dense_step_statistics(
             st, locs, scales, offsets, scores, finite, rule, restart
         )
