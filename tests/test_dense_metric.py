@@ -256,6 +256,26 @@ def test_dense_restart_starts_the_moments_again_and_keeps_the_factors(jax_x64):
     )
 
 
+@pytest.mark.parametrize("xp_name", ["numpy", "jax.numpy"])
+def test_the_restart_comes_once_at_a_release_with_the_trust_recovered(xp_name):
+    """``should_restart``: only with ``dense_restart``, only while not yet restarted, only at a
+    step with ``release > 0`` and the trust at 1 (an overflowing start reads as flat while its
+    steps are rejected)."""
+    import importlib
+
+    from pyro_scorevi.step_rules import should_restart
+
+    if xp_name == "jax.numpy":
+        pytest.importorskip("jax")
+    xp = importlib.import_module(xp_name)
+    rule = AdaptiveStep()
+    assert bool(should_restart(rule, False, 0.3, 1.0, xp))
+    assert not bool(should_restart(rule, True, 0.3, 1.0, xp))
+    assert not bool(should_restart(rule, False, 0.0, 1.0, xp))
+    assert not bool(should_restart(rule, False, 0.3, 0.5, xp))
+    assert not bool(should_restart(AdaptiveStep(dense_restart=False), False, 1.0, 1.0, xp))
+
+
 def test_dense_state_is_carried_by_state_dict_and_resumes_exactly():
     """The running curvature is part of the step's state: a fit resumed from ``state_dict``
     continues bit for bit."""
