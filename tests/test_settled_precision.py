@@ -11,6 +11,7 @@ without that noise.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -238,6 +239,7 @@ def test_settled_band_is_validated():
     assert AdaptiveStep(settled_band=math.inf).settled_band == math.inf
 
 
+@functools.cache
 def _nile_fit(rule, seed):
     """The NumPyro fit (1500 steps) of a non-centred local level model of the Nile's flow:
     ``(sds of log sigma_level and log sigma_obs, H_jj s_j^2 of the running curvature's last
@@ -281,17 +283,17 @@ def _nile_scales(rule, seed):
 
 def test_dense_restart_leaves_no_stale_curvature_on_a_local_level_model():
     """The running curvature of this model remembers its start: after 1500 steps without the
-    restart, H_jj s_j^2 is 10-1e5 on the variance parameters (measured: 174 and 86324 on seeds
-    1 and 2), a memory of steps whose loss was 2e5. Restarted at the first release with the
-    trust recovered, every coordinate's is within a factor 2 of 1 (the guide at the running
-    curvature's fixed point; measured within 9%)."""
-    for seed in (1, 2):
-        _, whitened, restarted = _nile_fit(AdaptiveStep(), seed)
-        assert restarted
-        assert np.max(np.abs(np.log(np.abs(whitened)))) < math.log(2)
-        _, stale, restarted = _nile_fit(AdaptiveStep(dense_restart=False), seed)
-        assert not restarted
-        assert np.max(np.abs(stale[1:3])) > 10
+    restart, H_jj s_j^2 is 6729 and 86324 on the variance parameters (seed 2; 174 on seed 1),
+    a memory of steps whose loss was 2e5. Restarted at the first release with the trust
+    recovered, every coordinate's is within a factor 2 of 1 (the guide at the running
+    curvature's fixed point; measured within 4%). The default fit is shared with the test
+    above (cached)."""
+    _, whitened, restarted = _nile_fit(AdaptiveStep(), 2)
+    assert restarted
+    assert np.max(np.abs(np.log(np.abs(whitened)))) < math.log(2)
+    _, stale, restarted = _nile_fit(AdaptiveStep(dense_restart=False), 2)
+    assert not restarted
+    assert np.max(np.abs(stale[1:3])) > 10
 
 
 def test_settled_band_keeps_the_variance_parameters_of_a_local_level_model():
