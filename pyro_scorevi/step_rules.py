@@ -235,7 +235,7 @@ class AdaptiveStep:
     #: 5 perturbed starts of seed 0 converged (3 of 5 with the previous release, 4 of 5 now).
     dense_restart: bool = True
     #: 0.02. The dense Gaussian's KL gap at 1000 evaluations fell from 0.039 / 0.036 to
-    #: 0.0023 / 0.0053 (Pyro / NumPyro, 3 seeds; ``Trace_ELBO`` 0.241 / 0.135); rates of 0.1
+    #: 0.0021 / 0.0041 (Pyro / NumPyro, 3 seeds; ``Trace_ELBO`` 0.241 / 0.135); rates of 0.1
     #: and more follow the refresh-to-refresh noise of the diagonal, 0.005 and less leave the
     #: scales to the sign rule. It became the default with ``settled_band`` and
     #: ``dense_restart``: without them it collapsed the sds of the Nile local level model's
