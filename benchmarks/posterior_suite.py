@@ -417,16 +417,22 @@ def _flat(tree: dict[str, np.ndarray], sites: list[str]) -> np.ndarray:
     return np.concatenate([np.ravel(np.asarray(tree[n], float)) for n in sites])
 
 
+def _meanfield_sd(ref: dict) -> np.ndarray | None:
+    """The reference's flat mean-field sds, ``None`` where it has none."""
+    sites = ref["sites"]
+    if not all("meanfield_sd" in ref["latents"][n] for n in sites):
+        return None
+    return _flat({n: ref["latents"][n]["meanfield_sd"] for n in sites}, sites)
+
+
 def backfill_least_sd(row: dict) -> dict:
     """A row written before the least-sd column: ``min_meanfield_sd_ratio`` and the
     ``collapsed`` flag from its stored flat ``scale`` (as :func:`score_fit` computes them)."""
     if "min_meanfield_sd_ratio" in row or "scale" not in row:
         return row
-    ref = reference(row["posterior"])
-    sites = ref["sites"]
-    if not all("meanfield_sd" in ref["latents"][n] for n in sites):
+    mf_sd = _meanfield_sd(reference(row["posterior"]))
+    if mf_sd is None:
         return row
-    mf_sd = _flat({n: ref["latents"][n]["meanfield_sd"] for n in sites}, sites)
     s = np.asarray(row["scale"], float)
     least = float(np.min(s / mf_sd)) if np.all(np.isfinite(s)) else float("nan")
     flags = list(row["flags"])
@@ -441,8 +447,7 @@ def score_fit(posterior: Posterior, fit: FitResult) -> dict:
     sites = ref["sites"]
     mu = _flat({n: ref["latents"][n]["mean"] for n in sites}, sites)
     sd = _flat({n: ref["latents"][n]["sd"] for n in sites}, sites)
-    has_mf = all("meanfield_sd" in ref["latents"][n] for n in sites)
-    mf_sd = _flat({n: ref["latents"][n]["meanfield_sd"] for n in sites}, sites) if has_mf else None
+    mf_sd = _meanfield_sd(ref)
     m = _flat(fit.loc, sites)
     s = _flat(fit.scale, sites)
     flags = []
