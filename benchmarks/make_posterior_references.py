@@ -49,7 +49,12 @@ def data_fingerprint(data: dict[str, np.ndarray]) -> str:
     return h.hexdigest()[:16]
 
 
-def run_nuts(posterior, chains: int, warmup: int, samples: int, seed: int, target: float):
+def run_nuts(
+    posterior, chains: int, warmup: int, samples: int, seed: int, target: float, sites=None
+):
+    """NUTS draws summarised per latent site (unconstrained mean, sd, mean-field sd);
+    ``sites``: ``(name, support)`` to record instead of the model's own latent sites (a twin
+    parametrisation whose deterministic sites are the target's latents)."""
     import jax
     from numpyro.diagnostics import summary
     from numpyro.distributions.transforms import biject_to
@@ -71,7 +76,7 @@ def run_nuts(posterior, chains: int, warmup: int, samples: int, seed: int, targe
     draws = mcmc.get_samples(group_by_chain=True)
     divergences = int(np.sum(np.asarray(mcmc.get_extra_fields()["diverging"])))
     latents, flat = {}, []
-    sites = latent_sites(posterior)
+    sites = sites or latent_sites(posterior)
     for name, support in sites:
         x = np.asarray(draws[name], dtype=float)  # (chains, samples, *shape)
         z = np.asarray(biject_to(support).inv(x), dtype=float)

@@ -15,7 +15,7 @@ from pyro_scorevi import defaults
 from pyro_scorevi.schedules import ProxWeight
 from pyro_scorevi.step_rules import AdaptiveStep, FixedStep, StepRule, resolve_step_rule
 
-__all__ = ["ScoreProximalConfig", "check_int", "particles_from_loss"]
+__all__ = ["ScoreProximalConfig", "check_int", "particles_from_loss", "frozen_fit_message"]
 
 
 @dataclass(frozen=True)
@@ -107,3 +107,17 @@ def particles_from_loss(num_particles: int | None, loss_particles: int) -> int:
             f"{loss_particles}; pass one of them."
         )
     return loss_particles
+
+
+def frozen_fit_message(sites: list[str]) -> str:
+    """The warning of a fit whose means travel at the largest trust region
+    (:func:`~pyro_scorevi.step_rules.at_largest_step`), in both backends."""
+    return (
+        f"ScoreProximalSVI: the mean of {', '.join(repr(n) for n in sites)} moved by the "
+        "largest step the trust region allows (max_mean_radius scales) on many recent steps: "
+        "the guide sits so far from the mode that its scale (the local curvature) is "
+        "far below the distance left, and the fit crawls, every step accepted. Typical cause: "
+        "an exp link on a raw-scale covariate, started far out (NumPyro's init_to_uniform). "
+        "Restart nearer the mode (init_loc_fn=init_to_feasible or init_to_median) or rescale "
+        "the covariate. See 'Far from the mode' in docs/pitfalls.md."
+    )

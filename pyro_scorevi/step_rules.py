@@ -498,6 +498,16 @@ def should_restart(rule: AdaptiveStep, restarted: Any, release: Any, trust: Any,
     return xp.logical_and(xp.logical_not(restarted), (release > 0) & (trust >= 1))
 
 
+def at_largest_step(rule: AdaptiveStep, step, radius, trust, scale, new_scale, xp) -> Any:
+    """Where the mean's accepted ``step`` was clipped at the largest trust region,
+    ``max_mean_radius`` scales of :math:`\\min(s_t, s_{t+1})`: a Newton step of more than
+    :math:`10^4` posterior sds, i.e. a point so far from the mode (an exp link far out) that
+    the local curvature has shrunk the guide below any useful step. A fit that stays there is
+    frozen, with every step accepted."""
+    largest = 0.99 * trust * rule.max_mean_radius * xp.minimum(scale, new_scale)
+    return (radius >= rule.max_mean_radius) & (xp.abs(step) >= largest)
+
+
 def progress_means(rule: AdaptiveStep, fast: Any, slow: Any, loss: Any, xp, noise: Any = None):
     """The running means :math:`(F, S)` after an accepted loss (both start at the first);
     with the loss's noise variance ``noise`` (after this loss), :math:`S` at most

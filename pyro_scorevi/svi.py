@@ -37,7 +37,7 @@ from pyro.infer.util import zero_grads
 from pyro.optim import PyroOptim
 
 from pyro_scorevi import core, defaults
-from pyro_scorevi.config import particles_from_loss
+from pyro_scorevi.config import frozen_fit_message, particles_from_loss
 from pyro_scorevi.fast_path import TracedStep
 from pyro_scorevi.general import (
     CompositeFamily,
@@ -56,7 +56,13 @@ from pyro_scorevi.guides import (
 from pyro_scorevi.proximal import ScoreStatistics
 from pyro_scorevi.schedules import ProxWeight
 from pyro_scorevi.scores import LogJoint
-from pyro_scorevi.step_rules import FixedStep, StepRule, resolve_step_rule
+from pyro_scorevi.step_rules import (
+    AdaptiveStep,
+    FixedStep,
+    StepRule,
+    at_largest_step,
+    resolve_step_rule,
+)
 
 __all__ = ["ScoreProximalSVI"]
 
@@ -65,6 +71,9 @@ logger = logging.getLogger(__name__)
 
 #: Consecutive rejected steps after which :class:`ScoreProximalSVI` warns that the fit is stuck.
 STUCK_AFTER = 100
+#: Warn of a frozen fit when this fraction of the recent accepted steps moved a mean by the
+#: largest trust region (:func:`~pyro_scorevi.step_rules.at_largest_step`).
+FROZEN_FREQUENCY = 0.25
 
 
 class ScoreProximalSVI:
@@ -210,6 +219,8 @@ class ScoreProximalSVI:
         self._particle_sums: Callable | None = None
         self._dense = False
         self._warned_fixed_params = False
+        self._at_largest_frequency = 0.0
+        self._warned_frozen = False
         self._pending_composite: dict | None = None
 
     @property
@@ -427,6 +438,7 @@ class ScoreProximalSVI:
             loc, scale = family.read()
             self._state = self._state._replace(loc=loc, scale=scale)
         if info.accepted:
+            self._watch_largest_steps(family, scale)
             self._step_model_params(params, param_grads, self.num_particles)
             if self.average_after is not None and self._state.step > self.average_after:
                 self._accumulate_average(self._state.loc, self._state.scale)
@@ -606,6 +618,33 @@ class ScoreProximalSVI:
             p.grad = -g / num_particles  # minimise -ELBO
         self.optim(params)
         zero_grads(params)
+
+    def _watch_largest_steps(self, family: DiagonalFamily, scale: torch.Tensor) -> None:
+        """The running frequency (memory ``STUCK_AFTER`` accepted steps) of steps whose mean
+        was clipped at the largest trust region (:func:`~pyro_scorevi.step_rules.
+        at_largest_step`); one warning once it exceeds ``FROZEN_FREQUENCY`` after
+        ``STUCK_AFTER`` accepted steps."""
+        rule, state = self.step_rule, self._state
+        if not isinstance(rule, AdaptiveStep) or state.rates is None or self._warned_frozen:
+            return
+        if scale.shape != state.scale.shape:  # a subsampled step: its rows only
+            return
+        rates = state.rates
+        at = at_largest_step(
+            rule, rates.last_mean_step, rates.mean_radius, state.trust, scale, state.scale, torch
+        )
+        self._at_largest_frequency += (float(at.any()) - self._at_largest_frequency) / STUCK_AFTER
+        if state.step < STUCK_AFTER or self._at_largest_frequency < FROZEN_FREQUENCY:
+            return
+        self._warned_frozen = True
+        sizes = [math.prod(block.shape) for block in family.blocks]
+        sites = [
+            site
+            for block, part in zip(family.blocks, at.split(sizes))
+            if bool(part.any())
+            for site in block.sites
+        ]
+        warnings.warn(frozen_fit_message(sites), RuntimeWarning, stacklevel=4)
 
     def _reject(self, loss: float) -> None:
         self._rejected_in_a_row += 1

@@ -57,7 +57,7 @@ from numpyro.infer.util import helpful_support_errors, transform_fn
 from numpyro.optim import Adam, _NumPyroOptim, optax_to_numpyro
 
 from pyro_scorevi import defaults
-from pyro_scorevi.config import ScoreProximalConfig, particles_from_loss
+from pyro_scorevi.config import ScoreProximalConfig, frozen_fit_message, particles_from_loss
 from pyro_scorevi.numpyro.adaptive import (
     CurvatureState,
     adaptive_update,
@@ -88,6 +88,7 @@ from pyro_scorevi.schedules import ProxWeight
 from pyro_scorevi.step_rules import (
     AdaptiveStep,
     StepRule,
+    at_largest_step,
     cap_release,
     floor_decay,
     initial_noise,
@@ -224,6 +225,27 @@ def _warn_if_failing(result: ScoreProximalRunResult, rejected: int, num_steps: i
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+def _warn_if_frozen(rule: Any, family: Any, state: ScoreProximalState) -> None:
+    """One ``RuntimeWarning`` after :meth:`ScoreProximalSVI.run` when the last accepted step
+    moved a mean by the largest trust region (see the torch mirror, which counts the steps)."""
+    adaptive = state.rule
+    if not isinstance(rule, AdaptiveStep) or not isinstance(adaptive, AdaptiveState):
+        return
+    if not bool(adaptive.has_backup):  # the backup is q_t, the params hold q_t+1
+        return
+    _, new_scales = family.locs_scales(state.params)
+    sites = []
+    for name, rates in adaptive.rates.items():
+        scale, new_scale = adaptive.backup_scales[name], new_scales[name]
+        at = at_largest_step(
+            rule, rates.last_mean_step, rates.mean_radius, adaptive.trust, scale, new_scale, jnp
+        )
+        if bool(jnp.any(at)):
+            sites.append(name)
+    if sites:
+        warnings.warn(frozen_fit_message(sites), RuntimeWarning, stacklevel=3)
 
 
 def _as_numpyro_optim(optim: Any, name: str = "inner_optim") -> _NumPyroOptim:
@@ -1029,4 +1051,5 @@ class ScoreProximalSVI:
         logger.debug("ScoreProximalSVI.run: %d steps done", num_steps)
         result = ScoreProximalRunResult(self.get_params(state), state, losses)
         _warn_if_failing(result, int(state.num_rejected) - rejected_before, num_steps)
+        _warn_if_frozen(self.config.step_rule, family_of(self.guide), state)
         return result

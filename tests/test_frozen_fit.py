@@ -1,0 +1,114 @@
+"""A fit frozen far from the mode is reported, in both backends (issue 11, "silent freeze").
+
+An exp link on a raw time index, started at b = 1.265 (a draw of NumPyro's ``init_to_uniform``):
+the curvature there is 1e32 times the mode's, the guide's scales follow it down to ~1e-8, and
+the trust region (at most ``max_mean_radius`` scales a step) lets the mean crawl, every step
+accepted. The fit must warn; the same model from ``init_to_feasible`` (b = 0) converges and
+must not.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.autoguide import AutoNormal, init_to_feasible, init_to_value
+
+from pyro_scorevi import AdaptiveStep, ScoreProximalSVI
+from pyro_scorevi.step_rules import at_largest_step
+
+FAR = {"a": 0.178, "b": 1.265}
+STEPS = 1500
+
+
+def _data():
+    rng = np.random.default_rng(26)
+    t = np.arange(60.0)
+    return t, rng.poisson(np.exp(0.5 + 0.05 * t)).astype(float)
+
+
+def _frozen_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "largest step the trust region" in str(w.message)]
+
+
+def _pyro_fit(init_loc_fn):
+    t, y = (torch.tensor(v, dtype=torch.float32) for v in _data())
+
+    def model():
+        a = pyro.sample("a", dist.Normal(0.0, 5.0))
+        b = pyro.sample("b", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(t)):
+            pyro.sample("y", dist.Poisson(torch.exp(a + b * t)), obs=y)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoNormal(model, init_loc_fn=init_loc_fn)
+    svi = ScoreProximalSVI(model, guide)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(STEPS):
+            svi.step()
+    return _frozen_warnings(caught), {k: float(v) for k, v in guide.median().items()}
+
+
+def test_pyro_frozen_fit_warns():
+    far = init_to_value(values={k: torch.tensor(v) for k, v in FAR.items()})
+    frozen, median = _pyro_fit(far)
+    assert abs(median["b"] - 0.05) > 0.5  # still far from the mode (b = 0.05) ...
+    assert len(frozen) == 1, frozen  # ... and reported, once
+    frozen, median = _pyro_fit(init_to_feasible)
+    assert abs(median["b"] - 0.0515) < 0.01
+    assert frozen == []
+
+
+def test_at_largest_step_conditions():
+    rule = AdaptiveStep()
+    r = rule.max_mean_radius
+    scale = torch.tensor([1e-8, 1e-8, 1e-8])
+    step = torch.tensor([0.99 * r * 1e-8, 0.5 * r * 1e-8, -r * 1e-8])
+    radius = torch.tensor([r, r, r / 2])
+    at = at_largest_step(rule, step, radius, 1.0, scale, scale, torch)
+    assert at.tolist() == [True, False, False]
+    # the narrower of q_t and q_t+1 sets the bound
+    at = at_largest_step(rule, step, radius, 1.0, scale, scale / 2, torch)
+    assert at.tolist() == [True, True, False]
+
+
+def test_numpyro_frozen_fit_warns():
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("numpyro")
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as ndist
+    from numpyro.infer.autoguide import AutoNormal as NumPyroAutoNormal
+    from numpyro.infer.initialization import init_to_feasible as np_feasible
+    from numpyro.infer.initialization import init_to_value as np_value
+
+    from pyro_scorevi.numpyro import ScoreProximalSVI as NumPyroScoreProximalSVI
+
+    t, y = (jnp.asarray(v) for v in _data())
+
+    def model():
+        a = numpyro.sample("a", ndist.Normal(0.0, 5.0))
+        b = numpyro.sample("b", ndist.Normal(0.0, 1.0))
+        with numpyro.plate("data", t.shape[0]):
+            numpyro.sample("y", ndist.Poisson(jnp.exp(a + b * t)), obs=y)
+
+    def fit(init_loc_fn):
+        guide = NumPyroAutoNormal(model, init_loc_fn=init_loc_fn)
+        svi = NumPyroScoreProximalSVI(model, guide)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = svi.run(jax.random.PRNGKey(0), STEPS, progress_bar=False)
+        return _frozen_warnings(caught), float(result.params["b_auto_loc"])
+
+    frozen, b = fit(np_value(values=FAR))
+    assert abs(b - 0.05) > 0.5
+    assert len(frozen) == 1, frozen
+    frozen, b = fit(np_feasible)
+    assert abs(b - 0.0515) < 0.01
+    assert frozen == []
