@@ -229,6 +229,7 @@ def test_proximal_weights_come_from_settings_else_the_problem():
     assert _proximal_weights(vit, both) == {"prox_weight": 50.0, "scale_prox_weight": 500.0}
 
 
+@pytest.mark.slow  # 15-20 s; CI runs it with the slow tests
 def test_numpyro_columns_join():
     problem = get_problem("logreg")
     result = run_comparison(

@@ -200,6 +200,7 @@ def test_mini_batch_variants_stay_finite_on_logistic_regression(fit):
     assert isinstance(out.num_rejected, int)
 
 
+@pytest.mark.slow  # 15-20 s; CI runs it with the slow tests
 def test_numpyro_score_fn_is_the_pyro_log_joint():
     import pyro
     import torch

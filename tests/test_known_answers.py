@@ -215,6 +215,7 @@ def test_minibatch_linear_regression():
     assert mean_error < 0.75
 
 
+@pytest.mark.slow  # 15-20 s; CI runs it with the slow tests
 def test_minibatch_linear_regression_with_iterate_averaging():
     # Polyak-Ruppert averaging of the iterates after 500 steps, one alternation (no variance
     # shrinkage under subsampling, see docs/algorithm_sweeps.md), constant lambda = 100.

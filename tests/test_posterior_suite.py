@@ -105,6 +105,7 @@ def test_reference_is_cached_with_the_model_coordinates(name):
     assert diag["min_n_eff"] > 400
 
 
+@pytest.mark.slow  # 15-20 s; CI runs it with the slow tests
 def test_flat_target_matches_numpyro_log_density():
     posterior = P.get_posterior("eight-schools")
     target = P.flat_target(posterior)
@@ -122,6 +123,7 @@ def test_flat_target_matches_numpyro_log_density():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow  # 15-20 s; CI runs it with the slow tests
 def test_tiny_suite_gives_a_complete_finite_table(tmp_path, capsys):
     suite = _load_script("posterior_suite")
     out = tmp_path / "suite.json"

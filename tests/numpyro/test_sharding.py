@@ -29,6 +29,10 @@ import pytest
 pytest.importorskip("jax")
 pytest.importorskip("numpyro")
 
+#: One subprocess of ~30 s (two host devices, float64) shared by the module: CI runs it with the
+#: slow tests, and the torch-free leg runs every test of tests/numpyro.
+pytestmark = pytest.mark.slow
+
 TOL = 1e-6  # identity tier, float64
 
 SCRIPT = textwrap.dedent(
