@@ -57,6 +57,8 @@ from pyro_scorevi.proximal import ScoreStatistics
 from pyro_scorevi.schedules import ProxWeight
 from pyro_scorevi.scores import LogJoint
 from pyro_scorevi.step_rules import (
+    FROZEN_FREQUENCY,
+    FROZEN_MEMORY,
     AdaptiveStep,
     FixedStep,
     StepRule,
@@ -71,9 +73,6 @@ logger = logging.getLogger(__name__)
 
 #: Consecutive rejected steps after which :class:`ScoreProximalSVI` warns that the fit is stuck.
 STUCK_AFTER = 100
-#: Warn of a frozen fit when this fraction of the recent accepted steps moved a mean by the
-#: largest trust region (:func:`~pyro_scorevi.step_rules.at_largest_step`).
-FROZEN_FREQUENCY = 0.25
 
 
 class ScoreProximalSVI:
@@ -620,10 +619,9 @@ class ScoreProximalSVI:
         zero_grads(params)
 
     def _watch_largest_steps(self, family: DiagonalFamily, scale: torch.Tensor) -> None:
-        """The running frequency (memory ``STUCK_AFTER`` accepted steps) of steps whose mean
-        was clipped at the largest trust region (:func:`~pyro_scorevi.step_rules.
-        at_largest_step`); one warning once it exceeds ``FROZEN_FREQUENCY`` after
-        ``STUCK_AFTER`` accepted steps."""
+        """The running frequency (``step_rules.FROZEN_MEMORY`` accepted steps) of steps whose
+        mean was clipped at the largest trust region (:func:`~pyro_scorevi.step_rules.
+        at_largest_step`); one warning once it reaches ``FROZEN_FREQUENCY``."""
         rule, state = self.step_rule, self._state
         if not isinstance(rule, AdaptiveStep) or state.rates is None or self._warned_frozen:
             return
@@ -633,8 +631,8 @@ class ScoreProximalSVI:
         at = at_largest_step(
             rule, rates.last_mean_step, rates.mean_radius, state.trust, scale, state.scale, torch
         )
-        self._at_largest_frequency += (float(at.any()) - self._at_largest_frequency) / STUCK_AFTER
-        if state.step < STUCK_AFTER or self._at_largest_frequency < FROZEN_FREQUENCY:
+        self._at_largest_frequency += (float(at.any()) - self._at_largest_frequency) / FROZEN_MEMORY
+        if state.step < FROZEN_MEMORY or self._at_largest_frequency < FROZEN_FREQUENCY:
             return
         self._warned_frozen = True
         sizes = [math.prod(block.shape) for block in family.blocks]

@@ -86,6 +86,8 @@ from pyro_scorevi.numpyro.scores import (
 )
 from pyro_scorevi.schedules import ProxWeight
 from pyro_scorevi.step_rules import (
+    FROZEN_FREQUENCY,
+    FROZEN_MEMORY,
     AdaptiveStep,
     StepRule,
     at_largest_step,
@@ -164,6 +166,9 @@ class AdaptiveState(NamedTuple):
         curvature: the :class:`~pyro_scorevi.numpyro.adaptive.CurvatureState` of a guide in
             the dense metric (``AdaptiveStep.dense_max_dim``), over the flat coordinates of the
             sites in order; ``()`` otherwise.
+        largest_frequency: running mean (``FROZEN_MEMORY`` accepted steps) of the steps that
+            moved some mean by the largest trust region (``step_rules.at_largest_step``); at
+            ``FROZEN_FREQUENCY`` and more, ``run`` warns that the fit is frozen.
     """
 
     rates: dict
@@ -177,6 +182,7 @@ class AdaptiveState(NamedTuple):
     loss_slow: jax.Array
     released: jax.Array
     curvature: CurvatureState | tuple = ()
+    largest_frequency: jax.Array | float = 0.0
 
 
 #: Floor of the trust kappa (as :data:`pyro_scorevi.core.MIN_TRUST`).
@@ -227,25 +233,21 @@ def _warn_if_failing(result: ScoreProximalRunResult, rejected: int, num_steps: i
     )
 
 
-def _warn_if_frozen(rule: Any, family: Any, state: ScoreProximalState) -> None:
-    """One ``RuntimeWarning`` after :meth:`ScoreProximalSVI.run` when the last accepted step
-    moved a mean by the largest trust region (see the torch mirror, which counts the steps)."""
+def _warn_if_frozen(rule: Any, state: ScoreProximalState) -> None:
+    """One ``RuntimeWarning`` after :meth:`ScoreProximalSVI.run` when the fit is frozen: a
+    ``FROZEN_FREQUENCY`` share of its recent accepted steps moved some mean by the largest trust
+    region (``AdaptiveState.largest_frequency``; the torch class warns during the fit)."""
     adaptive = state.rule
     if not isinstance(rule, AdaptiveStep) or not isinstance(adaptive, AdaptiveState):
         return
-    if not bool(adaptive.has_backup):  # the backup is q_t, the params hold q_t+1
+    if int(state.step) < FROZEN_MEMORY or float(adaptive.largest_frequency) < FROZEN_FREQUENCY:
         return
-    _, new_scales = family.locs_scales(state.params)
-    sites = []
-    for name, rates in adaptive.rates.items():
-        scale, new_scale = adaptive.backup_scales[name], new_scales[name]
-        at = at_largest_step(
-            rule, rates.last_mean_step, rates.mean_radius, adaptive.trust, scale, new_scale, jnp
-        )
-        if bool(jnp.any(at)):
-            sites.append(name)
-    if sites:
-        warnings.warn(frozen_fit_message(sites), RuntimeWarning, stacklevel=3)
+    sites = [
+        name
+        for name, rates in adaptive.rates.items()
+        if bool(jnp.any(rates.mean_radius >= rule.max_mean_radius))
+    ]
+    warnings.warn(frozen_fit_message(sites or list(adaptive.rates)), RuntimeWarning, stacklevel=3)
 
 
 def _as_numpyro_optim(optim: Any, name: str = "inner_optim") -> _NumPyroOptim:
@@ -480,6 +482,7 @@ def _init_adaptive(family: DiagonalFamily, params: dict, rule: AdaptiveStep) -> 
         jnp.full((), jnp.nan, dtype),
         jnp.zeros((), dtype),
         init_curvature(_flat(locs)) if rule.uses_dense_metric(_flat(locs).size) else (),
+        jnp.zeros((), dtype),
     )
 
 
@@ -718,6 +721,25 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
         jnp.where(accepted & (state.step == 0), initial_noise(loss, jnp), st.loss_noise),
     ).astype(dtype)
     fast, slow = progress_means(rule, st.loss_fast, st.loss_slow, loss, jnp, noise)
+    largest = jnp.any(
+        jnp.stack(
+            [
+                jnp.any(
+                    at_largest_step(
+                        rule,
+                        new_rates[k].last_mean_step,
+                        new_rates[k].mean_radius,
+                        st.trust,
+                        scales[k],
+                        new_scales[k],
+                        jnp,
+                    )
+                )
+                for k in new_rates
+            ]
+        )
+    )
+    frequency = st.largest_frequency + (largest - st.largest_frequency) / FROZEN_MEMORY
     new_rule = AdaptiveState(
         _select(accepted, new_rates, st.rates),
         trust,
@@ -730,6 +752,7 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
         jnp.where(accepted, slow, st.loss_slow).astype(dtype),
         jnp.where(accepted, st.released + release, st.released).astype(dtype),
         curvature,
+        jnp.where(accepted, frequency, st.largest_frequency).astype(dtype),
     )
     params = family.with_locs_scales(state.params, out_locs, out_scales)
     return params, loss, new_rule, accepted, param_grads
@@ -1051,5 +1074,5 @@ class ScoreProximalSVI:
         logger.debug("ScoreProximalSVI.run: %d steps done", num_steps)
         result = ScoreProximalRunResult(self.get_params(state), state, losses)
         _warn_if_failing(result, int(state.num_rejected) - rejected_before, num_steps)
-        _warn_if_frozen(self.config.step_rule, family_of(self.guide), state)
+        _warn_if_frozen(self.config.step_rule, state)
         return result
