@@ -427,6 +427,7 @@ class ScoreProximalSVI:
         moments = means[4:] if self._dense else None  # the dense metric's (2d, d) moments
         weight = None if active is None else active.weight
         loss = -(total.detach() / self.num_particles + family.entropy(scale, weight))
+        frozen_scale, frozen_trust = scale, state.trust  # q_t's, for the frozen-fit watch
         self._state, info = core.update(state, stats, float(loss), self.step_rule, moments)
         if active is not None:
             self._state = scatter_state(full_state, self._state, info, active.index)
@@ -437,7 +438,7 @@ class ScoreProximalSVI:
             loc, scale = family.read()
             self._state = self._state._replace(loc=loc, scale=scale)
         if info.accepted:
-            self._watch_largest_steps(family, scale)
+            self._watch_largest_steps(family, frozen_scale, frozen_trust)
             self._step_model_params(params, param_grads, self.num_particles)
             if self.average_after is not None and self._state.step > self.average_after:
                 self._accumulate_average(self._state.loc, self._state.scale)
@@ -618,10 +619,13 @@ class ScoreProximalSVI:
         self.optim(params)
         zero_grads(params)
 
-    def _watch_largest_steps(self, family: DiagonalFamily, scale: torch.Tensor) -> None:
+    def _watch_largest_steps(
+        self, family: DiagonalFamily, scale: torch.Tensor, trust: float
+    ) -> None:
         """The running frequency (``step_rules.FROZEN_MEMORY`` accepted steps) of steps whose
-        mean was clipped at the largest trust region (:func:`~pyro_scorevi.step_rules.
-        at_largest_step`); one warning once it reaches ``FROZEN_FREQUENCY``."""
+        mean was clipped at the largest trust region (``step_rules.at_largest_step``; ``scale``
+        and ``trust`` those of the step's :math:`q_t`); one warning once it reaches
+        ``FROZEN_FREQUENCY``."""
         rule, state = self.step_rule, self._state
         if not isinstance(rule, AdaptiveStep) or state.rates is None or self._warned_frozen:
             return
@@ -629,7 +633,7 @@ class ScoreProximalSVI:
             return
         rates = state.rates
         at = at_largest_step(
-            rule, rates.last_mean_step, rates.mean_radius, state.trust, scale, state.scale, torch
+            rule, rates.last_mean_step, rates.mean_radius, trust, scale, state.scale, torch
         )
         self._at_largest_frequency += (float(at.any()) - self._at_largest_frequency) / FROZEN_MEMORY
         if state.step < FROZEN_MEMORY or self._at_largest_frequency < FROZEN_FREQUENCY:
