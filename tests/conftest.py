@@ -37,3 +37,28 @@ def jax_x64():
     jax.config.update("jax_enable_x64", True)
     yield jax
     jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.fixture
+def frozen_case():
+    """The frozen-fit case of ``test_frozen_fit.py`` and its NumPyro mirror: Poisson counts on a
+    raw time index 0-59 (the hold-out probe's ``growth-poisson``), the far start ``far`` (seed
+    0's ``init_to_uniform`` draw in NumPyro), the budget, and a filter for the warning."""
+    import types
+
+    import numpy as np
+
+    rng = np.random.default_rng(26)
+    t = np.arange(60.0)
+
+    def frozen_warnings(caught) -> list[str]:
+        text = "largest step the trust region"
+        return [str(w.message) for w in caught if text in str(w.message)]
+
+    return types.SimpleNamespace(
+        t=t,
+        y=rng.poisson(np.exp(0.5 + 0.05 * t)).astype(float),
+        far={"a": 0.178, "b": 1.265},
+        steps=1500,
+        frozen_warnings=frozen_warnings,
+    )

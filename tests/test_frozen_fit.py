@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -21,22 +20,9 @@ from pyro.infer.autoguide import AutoNormal, init_to_feasible, init_to_value
 from pyro_scorevi import AdaptiveStep, ScoreProximalSVI
 from pyro_scorevi.step_rules import at_largest_step
 
-FAR = {"a": 0.178, "b": 1.265}
-STEPS = 1500
 
-
-def _data():
-    rng = np.random.default_rng(26)
-    t = np.arange(60.0)
-    return t, rng.poisson(np.exp(0.5 + 0.05 * t)).astype(float)
-
-
-def _frozen_warnings(caught) -> list[str]:
-    return [str(w.message) for w in caught if "largest step the trust region" in str(w.message)]
-
-
-def _pyro_fit(init_loc_fn):
-    t, y = (torch.tensor(v, dtype=torch.float32) for v in _data())
+def _pyro_fit(case, init_loc_fn):
+    t, y = (torch.tensor(v, dtype=torch.float32) for v in (case.t, case.y))
 
     def model():
         a = pyro.sample("a", dist.Normal(0.0, 5.0))
@@ -50,17 +36,17 @@ def _pyro_fit(init_loc_fn):
     svi = ScoreProximalSVI(model, guide)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for _ in range(STEPS):
+        for _ in range(case.steps):
             svi.step()
-    return _frozen_warnings(caught), {k: float(v) for k, v in guide.median().items()}
+    return case.frozen_warnings(caught), {k: float(v) for k, v in guide.median().items()}
 
 
-def test_pyro_frozen_fit_warns():
-    far = init_to_value(values={k: torch.tensor(v) for k, v in FAR.items()})
-    frozen, median = _pyro_fit(far)
+def test_pyro_frozen_fit_warns(frozen_case):
+    far = init_to_value(values={k: torch.tensor(v) for k, v in frozen_case.far.items()})
+    frozen, median = _pyro_fit(frozen_case, far)
     assert abs(median["b"] - 0.05) > 0.5  # still far from the mode (b = 0.05) ...
     assert len(frozen) == 1, frozen  # ... and reported, once
-    frozen, median = _pyro_fit(init_to_feasible)
+    frozen, median = _pyro_fit(frozen_case, init_to_feasible)
     assert abs(median["b"] - 0.0515) < 0.01
     assert frozen == []
 

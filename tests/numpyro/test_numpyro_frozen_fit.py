@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import pytest
 
 jax = pytest.importorskip("jax")
@@ -24,22 +23,9 @@ from numpyro.infer.initialization import init_to_feasible, init_to_value  # noqa
 
 from pyro_scorevi.numpyro import ScoreProximalSVI  # noqa: E402
 
-FAR = {"a": 0.178, "b": 1.265}
-STEPS = 1500
 
-
-def _data():
-    rng = np.random.default_rng(26)
-    t = np.arange(60.0)
-    return t, rng.poisson(np.exp(0.5 + 0.05 * t)).astype(float)
-
-
-def _frozen_warnings(caught) -> list[str]:
-    return [str(w.message) for w in caught if "largest step the trust region" in str(w.message)]
-
-
-def test_numpyro_frozen_fit_warns():
-    t, y = (jnp.asarray(v) for v in _data())
+def test_numpyro_frozen_fit_warns(frozen_case):
+    t, y = jnp.asarray(frozen_case.t), jnp.asarray(frozen_case.y)
 
     def model():
         a = numpyro.sample("a", dist.Normal(0.0, 5.0))
@@ -52,10 +38,10 @@ def test_numpyro_frozen_fit_warns():
         svi = ScoreProximalSVI(model, guide)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = svi.run(jax.random.PRNGKey(0), STEPS, progress_bar=False)
-        return _frozen_warnings(caught), float(result.params["b_auto_loc"])
+            result = svi.run(jax.random.PRNGKey(0), frozen_case.steps, progress_bar=False)
+        return frozen_case.frozen_warnings(caught), float(result.params["b_auto_loc"])
 
-    frozen, b = fit(init_to_value(values=FAR))
+    frozen, b = fit(init_to_value(values=frozen_case.far))
     assert abs(b - 0.05) > 0.5
     assert len(frozen) == 1, frozen
     frozen, b = fit(init_to_feasible)
