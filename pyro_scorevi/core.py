@@ -42,9 +42,11 @@ from pyro_scorevi.step_rules import (
     AdaptiveStep,
     FixedStep,
     StepRule,
+    at_largest_step,
     cap_release,
     floor_decay,
     initial_noise,
+    largest_frequency,
     noise_average,
     progress_means,
     should_restart,
@@ -80,6 +82,9 @@ class DiagonalState(NamedTuple):
         released: the sum of the cap's ``release`` over the accepted steps.
         curvature: the :class:`~pyro_scorevi.adaptive.CurvatureState` of a guide in the dense
             metric (``AdaptiveStep.dense_max_dim``); ``None`` otherwise.
+        largest_frequency: running frequency of the accepted steps that moved some mean by the
+            largest trust region (:func:`~pyro_scorevi.step_rules.largest_frequency`); a fit
+            that :func:`~pyro_scorevi.step_rules.is_frozen` is reported.
     """
 
     loc: torch.Tensor
@@ -97,6 +102,7 @@ class DiagonalState(NamedTuple):
     loss_slow: float = math.nan
     released: float = 0.0
     curvature: CurvatureState | None = None
+    largest_frequency: float = 0.0
 
 
 class StepInfo(NamedTuple):
@@ -207,6 +213,9 @@ def update(
     )
     if not bool(torch.isfinite(new_loc).all() & torch.isfinite(new_scale).all()):
         return _rejected(state, loss, rule)
+    at_largest = at_largest_step(
+        rule, rates.last_mean_step, rates.mean_radius, state.trust, state.scale, new_scale, torch
+    ).any()
     noise = state.loss_noise
     with np.errstate(over="ignore", invalid="ignore"):
         if state.backup_loc is not None:  # two accepted losses in a row: one noise sample
@@ -231,6 +240,7 @@ def update(
         loss_slow=slow,
         released=state.released + release,
         curvature=curvature,
+        largest_frequency=float(largest_frequency(state.largest_frequency, float(at_largest))),
     )
     return new_state, StepInfo(loss, True, False)
 

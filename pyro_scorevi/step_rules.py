@@ -36,6 +36,9 @@ __all__ = [
     "progress_means",
     "release_threshold",
     "should_restart",
+    "at_largest_step",
+    "largest_frequency",
+    "is_frozen",
     "resolve_step_rule",
 ]
 
@@ -515,6 +518,18 @@ def at_largest_step(rule: AdaptiveStep, step, radius, trust, scale, new_scale, x
     frozen, with every step accepted."""
     largest = 0.99 * trust * rule.max_mean_radius * xp.minimum(scale, new_scale)
     return (radius >= rule.max_mean_radius) & (xp.abs(step) >= largest)
+
+
+def largest_frequency(frequency: Any, at_largest: Any) -> Any:
+    """The running frequency (memory ``FROZEN_MEMORY`` accepted steps) of the steps where
+    :func:`at_largest_step` holds for some coordinate (``at_largest``: a boolean scalar)."""
+    return frequency + (at_largest - frequency) / FROZEN_MEMORY
+
+
+def is_frozen(frequency: float, step: int) -> bool:
+    """Whether a fit of ``step`` accepted steps reads as frozen: at least ``FROZEN_MEMORY`` of
+    them, and a :func:`largest_frequency` of ``FROZEN_FREQUENCY`` or more."""
+    return step >= FROZEN_MEMORY and frequency >= FROZEN_FREQUENCY
 
 
 def progress_means(rule: AdaptiveStep, fast: Any, slow: Any, loss: Any, xp, noise: Any = None):

@@ -56,15 +56,7 @@ from pyro_scorevi.guides import (
 from pyro_scorevi.proximal import ScoreStatistics
 from pyro_scorevi.schedules import ProxWeight
 from pyro_scorevi.scores import LogJoint
-from pyro_scorevi.step_rules import (
-    FROZEN_FREQUENCY,
-    FROZEN_MEMORY,
-    AdaptiveStep,
-    FixedStep,
-    StepRule,
-    at_largest_step,
-    resolve_step_rule,
-)
+from pyro_scorevi.step_rules import FixedStep, StepRule, is_frozen, resolve_step_rule
 
 __all__ = ["ScoreProximalSVI"]
 
@@ -218,7 +210,6 @@ class ScoreProximalSVI:
         self._particle_sums: Callable | None = None
         self._dense = False
         self._warned_fixed_params = False
-        self._at_largest_frequency = 0.0
         self._warned_frozen = False
         self._pending_composite: dict | None = None
 
@@ -427,7 +418,6 @@ class ScoreProximalSVI:
         moments = means[4:] if self._dense else None  # the dense metric's (2d, d) moments
         weight = None if active is None else active.weight
         loss = -(total.detach() / self.num_particles + family.entropy(scale, weight))
-        frozen_scale, frozen_trust = scale, state.trust  # q_t's, for the frozen-fit watch
         self._state, info = core.update(state, stats, float(loss), self.step_rule, moments)
         if active is not None:
             self._state = scatter_state(full_state, self._state, info, active.index)
@@ -438,7 +428,7 @@ class ScoreProximalSVI:
             loc, scale = family.read()
             self._state = self._state._replace(loc=loc, scale=scale)
         if info.accepted:
-            self._watch_largest_steps(family, frozen_scale, frozen_trust)
+            self._warn_if_frozen(family)
             self._step_model_params(params, param_grads, self.num_particles)
             if self.average_after is not None and self._state.step > self.average_after:
                 self._accumulate_average(self._state.loc, self._state.scale)
@@ -619,33 +609,22 @@ class ScoreProximalSVI:
         self.optim(params)
         zero_grads(params)
 
-    def _watch_largest_steps(
-        self, family: DiagonalFamily, scale: torch.Tensor, trust: float
-    ) -> None:
-        """The running frequency (``step_rules.FROZEN_MEMORY`` accepted steps) of steps whose
-        mean was clipped at the largest trust region (``step_rules.at_largest_step``; ``scale``
-        and ``trust`` those of the step's :math:`q_t`); one warning once it reaches
-        ``FROZEN_FREQUENCY``."""
-        rule, state = self.step_rule, self._state
-        if not isinstance(rule, AdaptiveStep) or state.rates is None or self._warned_frozen:
-            return
-        if scale.shape != state.scale.shape:  # a subsampled step: its rows only
-            return
-        rates = state.rates
-        at = at_largest_step(
-            rule, rates.last_mean_step, rates.mean_radius, trust, scale, state.scale, torch
-        )
-        self._at_largest_frequency += (float(at.any()) - self._at_largest_frequency) / FROZEN_MEMORY
-        if state.step < FROZEN_MEMORY or self._at_largest_frequency < FROZEN_FREQUENCY:
+    def _warn_if_frozen(self, family: DiagonalFamily) -> None:
+        """One ``RuntimeWarning`` the first time the fit
+        :func:`~pyro_scorevi.step_rules.is_frozen` (its state's ``largest_frequency``)."""
+        state, rule = self._state, self.step_rule
+        if self._warned_frozen or not is_frozen(state.largest_frequency, state.step):
             return
         self._warned_frozen = True
+        at_max = state.rates.mean_radius >= rule.max_mean_radius
         sizes = [math.prod(block.shape) for block in family.blocks]
         sites = [
             site
-            for block, part in zip(family.blocks, at.split(sizes))
+            for block, part in zip(family.blocks, at_max.split(sizes))
             if bool(part.any())
             for site in block.sites
         ]
+        sites = sites or [site for block in family.blocks for site in block.sites]
         warnings.warn(frozen_fit_message(sites), RuntimeWarning, stacklevel=4)
 
     def _reject(self, loss: float) -> None:

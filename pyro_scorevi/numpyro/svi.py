@@ -86,14 +86,14 @@ from pyro_scorevi.numpyro.scores import (
 )
 from pyro_scorevi.schedules import ProxWeight
 from pyro_scorevi.step_rules import (
-    FROZEN_FREQUENCY,
-    FROZEN_MEMORY,
     AdaptiveStep,
     StepRule,
     at_largest_step,
     cap_release,
     floor_decay,
     initial_noise,
+    is_frozen,
+    largest_frequency,
     noise_average,
     progress_means,
     should_restart,
@@ -166,9 +166,9 @@ class AdaptiveState(NamedTuple):
         curvature: the :class:`~pyro_scorevi.numpyro.adaptive.CurvatureState` of a guide in
             the dense metric (``AdaptiveStep.dense_max_dim``), over the flat coordinates of the
             sites in order; ``()`` otherwise.
-        largest_frequency: running mean (``FROZEN_MEMORY`` accepted steps) of the steps that
-            moved some mean by the largest trust region (``step_rules.at_largest_step``); at
-            ``FROZEN_FREQUENCY`` and more, ``run`` warns that the fit is frozen.
+        largest_frequency: running frequency of the accepted steps that moved some mean by the
+            largest trust region (``step_rules.largest_frequency``); ``run`` warns when the fit
+            ``step_rules.is_frozen``.
     """
 
     rates: dict
@@ -234,13 +234,13 @@ def _warn_if_failing(result: ScoreProximalRunResult, rejected: int, num_steps: i
 
 
 def _warn_if_frozen(rule: Any, state: ScoreProximalState) -> None:
-    """One ``RuntimeWarning`` after :meth:`ScoreProximalSVI.run` when the fit is frozen: a
-    ``FROZEN_FREQUENCY`` share of its recent accepted steps moved some mean by the largest trust
-    region (``AdaptiveState.largest_frequency``; the torch class warns during the fit)."""
+    """One ``RuntimeWarning`` after :meth:`ScoreProximalSVI.run` when the fit
+    ``step_rules.is_frozen`` (``AdaptiveState.largest_frequency``; the torch class warns
+    during the fit)."""
     adaptive = state.rule
     if not isinstance(rule, AdaptiveStep) or not isinstance(adaptive, AdaptiveState):
         return
-    if int(state.step) < FROZEN_MEMORY or float(adaptive.largest_frequency) < FROZEN_FREQUENCY:
+    if not is_frozen(float(adaptive.largest_frequency), int(state.step)):
         return
     sites = [
         name
@@ -739,7 +739,7 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
             ]
         )
     )
-    frequency = st.largest_frequency + (largest - st.largest_frequency) / FROZEN_MEMORY
+    frequency = largest_frequency(st.largest_frequency, largest)
     new_rule = AdaptiveState(
         _select(accepted, new_rates, st.rates),
         trust,
