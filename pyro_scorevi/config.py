@@ -8,6 +8,7 @@ from their keyword arguments, with the same names, defaults and error messages.
 from __future__ import annotations
 
 import numbers
+import warnings
 from dataclasses import InitVar, dataclass, field
 from typing import Any
 
@@ -15,7 +16,13 @@ from pyro_scorevi import defaults
 from pyro_scorevi.schedules import ProxWeight
 from pyro_scorevi.step_rules import AdaptiveStep, FixedStep, StepRule, resolve_step_rule
 
-__all__ = ["ScoreProximalConfig", "check_int", "particles_from_loss", "frozen_fit_message"]
+__all__ = [
+    "ScoreProximalConfig",
+    "check_int",
+    "particles_from_loss",
+    "frozen_fit_message",
+    "warn_one_particle",
+]
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,28 @@ def particles_from_loss(num_particles: int | None, loss_particles: int) -> int:
             f"{loss_particles}; pass one of them."
         )
     return loss_particles
+
+
+def warn_one_particle(num_particles: int, loss: Any) -> None:
+    """A ``UserWarning`` for ``num_particles == 1`` (in both backends), e.g. from
+    ``loss=Trace_ELBO()``, whose default is one particle. One draw per step forms no
+    antithetic pair, and the closed-form step of a diagonal guide then reads each precision
+    from one draw's ratio :math:`-\\hat g/\\delta`, which carries the score at the mean divided
+    by a single offset, heavy-tailed away from the mode. Measured (NumPyro, a normal model
+    with unknown mean and sd, ``init_to_uniform``, 3000 steps, 8 seeds): with 1 particle two
+    fits ended wrong (one mean 20 posterior sds off with its scale at 6% of the optimum's,
+    one with its scale at 35%), with 2 all eight at the optimum."""
+    if num_particles != 1:
+        return
+    source = f" (from loss={type(loss).__name__}(), one particle)" if loss is not None else ""
+    warnings.warn(
+        f"num_particles=1{source}: one draw per step forms no antithetic pair, and the "
+        "closed-form step of AutoNormal / AutoDiagonalNormal guides then estimates each scale "
+        "from a single draw, which can stall a fit far from the answer. Use num_particles=2, "
+        "the default (one antithetic pair), e.g. loss=Trace_ELBO(num_particles=2).",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def frozen_fit_message(sites: list[str]) -> str:

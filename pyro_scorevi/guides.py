@@ -131,14 +131,18 @@ def make_family(guide, args: tuple, kwargs: dict):
     return CompositeFamily(guide, [], [guide], args, kwargs)
 
 
-def setup_guide(guide, args: tuple, kwargs: dict) -> None:
+def setup_guide(guide, args: tuple, kwargs: dict, force: bool = False) -> None:
     """Runs ``guide`` once (blocked) so that its parameters exist in the param store.
 
     The RNG state is restored, so that setting a guide up draws nothing: a run resumed with a
     fresh guide (param store loaded, RNG state restored) then continues exactly as the
     uninterrupted run. A model with a discrete latent raises ``NotImplementedError`` naming it.
+    ``force``: run it even if it is set up already (after ``pyro.clear_param_store()`` its
+    next call registers its parameters again, as under ``SVI``).
     """
-    if isinstance(guide, AutoNormalMessenger):
+    if force:
+        pass
+    elif isinstance(guide, AutoNormalMessenger):
         if getattr(guide, "_scorevi_sites", None) is not None:
             return
     elif getattr(guide, "prototype_trace", None) is not None:

@@ -119,9 +119,9 @@ class LogJoint:
             site = trace.nodes.get(name)
             factor = 1.0 if site is None else subsample_factor(site)
             log_joint = log_joint + factor * log_det
-        for site in trace.nodes.values():
+        for name, site in trace.nodes.items():
             if site["type"] == "sample" and not site_is_subsample(site):
-                log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+                log_p = _log_prob(name, site, observed=name not in data)
                 log_joint = log_joint + scale_and_mask(log_p, site["scale"], site["mask"]).sum()
         if not isinstance(log_joint, torch.Tensor):
             log_joint = torch.tensor(float(log_joint))
@@ -164,6 +164,24 @@ class LogJoint:
         grads = torch.autograd.grad(value, [inputs, *params], allow_unused=True)
         grads = [torch.zeros_like(x) if g is None else g for x, g in zip([inputs, *params], grads)]
         return value.detach(), grads[0], used, params, grads[1:]
+
+
+def _log_prob(name: str, site, observed: bool) -> torch.Tensor:
+    """The site's log density at its value. Data outside the support of an observed site's
+    distribution (a NaN, a negative count) is the user's to fix, not a failed step: it raises
+    a ``ValueError`` naming the site, as ``Trace_ELBO`` does (a latent value the guide drew
+    outside its support stays a rejected step)."""
+    fn = site["fn"]
+    try:
+        return fn.log_prob(site["value"], *site["args"], **site["kwargs"])
+    except ValueError as error:
+        if not (observed and str(error).startswith("Expected value argument")):
+            raise
+        raise ValueError(
+            f"the observed data of site {name!r} lie outside the support of its distribution "
+            f"{type(fn).__name__} (support {fn.support}); check the data for NaN or "
+            f"out-of-range values. Pyro's message: {error}"
+        ) from error
 
 
 def _record_subsample(name: str, site, used: dict, seen: dict) -> None:

@@ -37,7 +37,7 @@ from pyro.infer.util import zero_grads
 from pyro.optim import PyroOptim
 
 from pyro_scorevi import core, defaults
-from pyro_scorevi.config import frozen_fit_message, particles_from_loss
+from pyro_scorevi.config import frozen_fit_message, particles_from_loss, warn_one_particle
 from pyro_scorevi.fast_path import TracedStep
 from pyro_scorevi.general import (
     CompositeFamily,
@@ -52,6 +52,7 @@ from pyro_scorevi.guides import (
     check_guide,
     frozen_copy,
     make_family,
+    setup_guide,
 )
 from pyro_scorevi.proximal import ScoreStatistics
 from pyro_scorevi.schedules import ProxWeight
@@ -173,6 +174,7 @@ class ScoreProximalSVI:
                 )
         num_particles = _particles_from_loss(loss, num_particles)
         _check_int("num_particles", num_particles, 1)
+        warn_one_particle(num_particles, loss)
         _check_int("num_inner_steps", num_inner_steps, 2)
         if not isinstance(antithetic, bool):
             raise TypeError(f"antithetic must be True or False (got {antithetic!r}).")
@@ -211,6 +213,8 @@ class ScoreProximalSVI:
         self._dense = False
         self._warned_fixed_params = False
         self._warned_frozen = False
+        self._warned_numerical = False
+        self._numerical_failure = True  # set by each diagonal step; other paths: non-finite
         self._pending_composite: dict | None = None
 
     @property
@@ -257,6 +261,11 @@ class ScoreProximalSVI:
         left at a finite iterate, ``num_rejected_steps`` is incremented and a warning is
         issued once.
         """
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "ScoreProximalSVI.step cannot run under torch.inference_mode(): the scores are "
+                "gradients of the log joint. Call step outside it (torch.no_grad() is fine)."
+            )
         family = self._setup(args, kwargs)
         if isinstance(family, DiagonalFamily):
             info = self._diagonal_step(family, args, kwargs)
@@ -419,6 +428,11 @@ class ScoreProximalSVI:
         weight = None if active is None else active.weight
         loss = -(total.detach() / self.num_particles + family.entropy(scale, weight))
         self._state, info = core.update(state, stats, float(loss), self.step_rule, moments)
+        # A revert of a finite step whose -ELBO was sharply worse is the adaptive rule at work,
+        # not a numerical failure (see _reject).
+        self._numerical_failure = not (
+            math.isfinite(float(loss)) and bool(torch.isfinite(means[:4]).all())
+        )
         if active is not None:
             self._state = scatter_state(full_state, self._state, info, active.index)
         if info.accepted or info.reverted:
@@ -467,6 +481,13 @@ class ScoreProximalSVI:
         )
         if ok:
             self._step_model_params(params, grads, self.num_particles)
+        # A finite loss rejected by the closed-form part's adaptive rule is a revert.
+        self._numerical_failure = not (
+            math.isfinite(loss)
+            and family.diagonal is not None
+            and rule is not None
+            and not isinstance(rule, FixedStep)
+        )
         return loss, ok
 
     def _restore_composite(self) -> None:
@@ -590,6 +611,11 @@ class ScoreProximalSVI:
                 if use_graph
                 else sums
             )
+        elif not pyro.get_param_store().keys():
+            # pyro.clear_param_store() between steps: as under SVI, the guide registers its
+            # parameters again (an autoguide with the values its PyroModule holds), and the
+            # step continues from the store.
+            setup_guide(self.guide, args, kwargs, force=True)
         return self._family
 
     def _step_model_params(self, params, grads, num_particles: int) -> None:
@@ -629,12 +655,22 @@ class ScoreProximalSVI:
 
     def _reject(self, loss: float) -> None:
         self._rejected_in_a_row += 1
-        if self.num_rejected_steps == 1:
+        numerical, self._numerical_failure = self._numerical_failure, True
+        if not numerical:
+            # AdaptiveStep's revert of a finite step that was sharply worse: counted, logged.
+            logger.info(
+                "ScoreProximalSVI reverted step %d (loss %s): its -ELBO estimate was sharply "
+                "worse than the previous iterate's, so the trust region shrinks; counted in "
+                "num_rejected_steps.",
+                self.num_steps,
+                loss,
+            )
+        elif not self._warned_numerical:
+            self._warned_numerical = True
             warnings.warn(
                 f"ScoreProximalSVI rejected a step (loss = {loss}): its scores or update were not "
-                "finite, or its -ELBO estimate was sharply worse than the previous iterate's; "
-                "the guide was left at a finite iterate (the previous one when reverted). "
-                "Further rejections are counted in num_rejected_steps without warning.",
+                "finite; the guide was left at the previous finite iterate. Further rejections "
+                "are counted in num_rejected_steps without warning.",
                 RuntimeWarning,
                 stacklevel=3,
             )

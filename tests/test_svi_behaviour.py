@@ -148,6 +148,8 @@ def _bad_model_factory():
             pyro.sample("bad", dist.Poisson(loc.exp() * float("inf")), obs=torch.tensor(1.0))
         elif mode[0] == "inf":
             pyro.factor("bad", loc.abs() * float("inf"))
+        elif mode[0] == "worse":  # finite and sharply worse: a revert, not a failure
+            pyro.factor("bad", torch.tensor(-1e4))
         elif mode[0] == "nan_score":
             # log density finite (0), gradient 0.5 / sqrt(0) * 0 = NaN
             pyro.factor("bad", torch.sqrt(loc - loc))
@@ -189,6 +191,26 @@ def test_non_finite_step_is_rejected(Guide, kind):
     assert svi.num_steps == 3 and svi.num_rejected_steps == 3
     after = _store_snapshot()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_revert_of_a_finite_worse_step_is_counted_and_logged_not_warned(caplog):
+    # Reverts are the adaptive rule at work (1 in 800 steps of a well-posed model): no
+    # RuntimeWarning that calls them non-finite, but counted and logged at INFO.
+    y = _data()
+    bad_model, mode = _bad_model_factory()
+    svi = ScoreProximalSVI(bad_model, AutoNormal(bad_model))
+    for _ in range(3):
+        svi.step(y)
+    mode[0] = "worse"
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("INFO"):
+        warnings.simplefilter("always")
+        svi.step(y)
+    assert svi.num_rejected_steps == 1
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert any("reverted step" in r.getMessage() for r in caplog.records)
+    mode[0] = "nan"  # a numerical failure afterwards still warns once
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        svi.step(y)
 
 
 def test_a_stuck_fit_is_named_once_and_a_recovered_one_resets(monkeypatch):
@@ -445,3 +467,68 @@ def test_average_after_is_validated():
 
     with pytest.raises(ValueError, match="average_after >= 0"):
         ScoreProximalSVI(model, AutoNormal(model), average_after=-1)
+
+
+# ---------------------------------------------------------------------------- user errors
+
+
+@pytest.mark.parametrize(
+    "data, distribution",
+    [
+        (torch.tensor([1.0, -1.0, 2.0]), lambda lam: dist.Poisson(lam)),
+        (torch.tensor([0.5, float("nan"), 1.0]), lambda lam: dist.Normal(lam, 1.0)),
+    ],
+)
+def test_observed_data_outside_the_support_raises_naming_the_site(data, distribution):
+    # As Trace_ELBO (with validation on): bad data is the user's to fix, not a rejected step
+    # that leaves the guide at its start with every step rejected.
+    def poisson_model(y):
+        lam = pyro.sample("lam", dist.Gamma(2.0, 1.0))
+        with pyro.plate("d", y.shape[0]):
+            pyro.sample("y", distribution(lam), obs=y)
+
+    svi = ScoreProximalSVI(poisson_model, AutoNormal(poisson_model))
+    with pytest.raises(ValueError, match="observed data of site 'y' lie outside the support"):
+        svi.step(data)
+    assert svi.num_rejected_steps == 0
+
+
+@pytest.mark.parametrize("Guide", [AutoNormal, AutoMultivariateNormal])
+def test_clearing_the_param_store_between_steps_continues_as_svi_does(Guide):
+    # pyro.infer.SVI continues from the values an autoguide's PyroModule holds.
+    y = _data()
+    guide = Guide(model)
+    svi = ScoreProximalSVI(model, guide)
+    for _ in range(50):
+        svi.step(y)
+    before = _store_snapshot()
+    pyro.clear_param_store()
+    svi.step(y)
+    after = _store_snapshot()
+    assert after.keys() == before.keys()
+    for name in before:  # one step on from the held values, not a fresh initialisation
+        assert torch.allclose(after[name], before[name], atol=0.5), name
+    fresh = _store_snapshot()
+    pyro.clear_param_store()
+    Guide(model)(y)  # what a fresh guide would hold
+    assert any(not torch.allclose(fresh[k], _store_snapshot()[k]) for k in fresh)
+
+
+def test_step_under_inference_mode_raises_a_clear_error():
+    y = _data()
+    svi = ScoreProximalSVI(model, AutoNormal(model))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        svi.step(y)
+
+
+def test_one_particle_warns_with_the_fix():
+    with pytest.warns(
+        UserWarning, match=r"from loss=Trace_ELBO\(\), one particle.*num_particles=2"
+    ):
+        ScoreProximalSVI(model, AutoNormal(model), loss=Trace_ELBO())
+    with pytest.warns(UserWarning, match="num_particles=1: one draw"):
+        ScoreProximalSVI(model, AutoNormal(model), num_particles=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ScoreProximalSVI(model, AutoNormal(model))
+        ScoreProximalSVI(model, AutoNormal(model), loss=Trace_ELBO(num_particles=2))

@@ -57,7 +57,12 @@ from numpyro.infer.util import helpful_support_errors, transform_fn
 from numpyro.optim import Adam, _NumPyroOptim, optax_to_numpyro
 
 from pyro_scorevi import defaults
-from pyro_scorevi.config import ScoreProximalConfig, frozen_fit_message, particles_from_loss
+from pyro_scorevi.config import (
+    ScoreProximalConfig,
+    frozen_fit_message,
+    particles_from_loss,
+    warn_one_particle,
+)
 from pyro_scorevi.numpyro.adaptive import (
     CurvatureState,
     adaptive_update,
@@ -375,6 +380,7 @@ def _init(model, guide, config, rng_key, args, kwargs, init_params, optim):
         guide_init = handlers.substitute(guide_init, init_params)
     guide_trace = handlers.trace(guide_init).get_trace(*args, **kwargs)
     params = {name: site["value"] for name, site in guide_trace.items() if site["type"] == "param"}
+    _check_guide_covers_model(model_trace, guide_trace)
     family = family_of(guide)
     shared = sorted(set(params) & set(model_params))
     if shared:
@@ -460,6 +466,21 @@ def _init(model, guide, config, rng_key, args, kwargs, init_params, optim):
         params, optim_state, zero, rng_key, average, rule, zero, zero, param_optim_state
     )
     return state, model_transforms
+
+
+def _check_guide_covers_model(model_trace: dict, guide_trace: dict) -> None:
+    """``ValueError`` for a latent model site the guide does not sample (a guide built for
+    another version of the model): the step would draw it from its prior at every evaluation
+    and fit another model. ``numpyro.infer.SVI`` warns here; the Pyro class raises the same."""
+    sampled = {n for n, s in guide_trace.items() if s["type"] == "sample"}
+    for name, site in model_trace.items():
+        if site["type"] == "sample" and not site["is_observed"] and name not in sampled:
+            raise ValueError(
+                f"model sample site {name!r} is latent but the guide has no site for it (guide "
+                f"sites: {sorted(n for n in sampled if not n.startswith('_'))}). Rebuild the "
+                "guide after changing the model, or observe the site (obs=... or "
+                "handlers.condition)."
+            )
 
 
 def _as_float(tree):
@@ -901,6 +922,7 @@ class ScoreProximalSVI:
             scale_prox_weight=scale_prox_weight,
             average_after=average_after,
         )
+        warn_one_particle(self.config.num_particles, loss)
         self.num_particles = self.config.num_particles
         self.loss = loss if loss is not None else Trace_ELBO(num_particles=self.num_particles)
         self.static_kwargs = static_kwargs
@@ -1031,6 +1053,9 @@ class ScoreProximalSVI:
         ``init_state`` continues a previous run (``rng_key`` is then unused).
         ``forward_mode_differentiation`` is passed to :meth:`update` (not to the model).
         """
+        if isinstance(num_steps, jax.Array) and num_steps.shape == ():
+            if jnp.issubdtype(num_steps.dtype, jnp.integer):
+                num_steps = int(num_steps)  # as numpyro.infer.SVI.run accepts
         if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
             raise TypeError(f"num_steps must be an int (got {type(num_steps).__name__}).")
         if num_steps < 1:

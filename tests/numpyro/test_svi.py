@@ -125,6 +125,44 @@ def test_num_steps_validated():
     svi = ScoreProximalSVI(gaussian_model, AutoNormal(gaussian_model))
     with pytest.raises(ValueError, match="num_steps >= 1"):
         svi.run(random.PRNGKey(0), 0)
+    with pytest.raises(TypeError, match="num_steps must be an int"):
+        svi.run(random.PRNGKey(0), jnp.array(5.0))
+    # An integer array scalar is a step count, as numpyro.infer.SVI.run takes it.
+    result = svi.run(random.PRNGKey(0), jnp.array(3), progress_bar=False)
+    assert result.losses.shape == (3,)
+
+
+def test_a_guide_built_for_another_model_names_the_missing_site():
+    # numpyro.infer.SVI only warns; here the site would be drawn from its prior at every
+    # evaluation, a fit of another model. The Pyro class raises the same.
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+        with numpyro.plate("d", y.shape[0]):
+            numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    def edited(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+        b = numpyro.sample("b", dist.Normal(0.0, 10.0))
+        with numpyro.plate("d", y.shape[0]):
+            numpyro.sample("y", dist.Normal(mu + b, 1.0), obs=y)
+
+    y = jnp.ones(10)
+    for guide_cls in (AutoNormal, AutoMultivariateNormal):
+        guide = guide_cls(model)
+        ScoreProximalSVI(model, guide).init(random.PRNGKey(0), y)
+        with pytest.raises(ValueError, match="site 'b' is latent but the guide has no site"):
+            ScoreProximalSVI(edited, guide).init(random.PRNGKey(0), y)
+
+
+def test_one_particle_warns_with_the_fix():
+    from numpyro.infer import Trace_ELBO
+
+    with pytest.warns(
+        UserWarning, match=r"from loss=Trace_ELBO\(\), one particle.*num_particles=2"
+    ):
+        ScoreProximalSVI(gaussian_model, AutoNormal(gaussian_model), loss=Trace_ELBO())
+    with pytest.warns(UserWarning, match="num_particles=1: one draw"):
+        ScoreProximalSVI(gaussian_model, AutoNormal(gaussian_model), num_particles=1)
 
 
 # ------------------------------------------------------------------------ surface and jit
