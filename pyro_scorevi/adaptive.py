@@ -167,9 +167,12 @@ def dense_factors(curvature: CurvatureState, scale: torch.Tensor, rule: Adaptive
         return None
     eigenvalues, vectors = torch.linalg.eigh(whitened)
     floor = rule.dense_min_eigenvalue
-    eigenvalues = torch.where(
-        eigenvalues > floor, eigenvalues, torch.where(eigenvalues > 0, floor, 1.0)
+    # Non-positive curvature: the guide's own metric. In the eigenvalues' dtype (two Python
+    # scalars alone would give a float32 floor in a float64 fit).
+    low = torch.where(
+        eigenvalues > 0, torch.full_like(eigenvalues, floor), torch.ones_like(eigenvalues)
     )
+    eigenvalues = torch.where(eigenvalues > floor, eigenvalues, low)
     return vectors, eigenvalues, root, curved, diagonal
 
 
