@@ -57,7 +57,13 @@ from pyro_scorevi.guides import (
 from pyro_scorevi.proximal import ScoreStatistics
 from pyro_scorevi.schedules import ProxWeight
 from pyro_scorevi.scores import LogJoint
-from pyro_scorevi.step_rules import FixedStep, StepRule, is_frozen, resolve_step_rule
+from pyro_scorevi.step_rules import (
+    AdaptiveStep,
+    FixedStep,
+    StepRule,
+    is_frozen,
+    resolve_step_rule,
+)
 
 __all__ = ["ScoreProximalSVI"]
 
@@ -258,8 +264,9 @@ class ScoreProximalSVI:
         ``Trace_ELBO`` reports), computed from the log joints the step evaluates anyway.
         A step whose scores or update are not finite (or, under ``AdaptiveStep``, whose loss
         is sharply worse than the previous iterate's) is rejected or reverted: the guide is
-        left at a finite iterate, ``num_rejected_steps`` is incremented and a warning is
-        issued once.
+        left at a finite iterate and ``num_rejected_steps`` is incremented; the first
+        non-finite one warns (``RuntimeWarning``), a revert of a finite but sharply worse step
+        is logged at ``INFO``.
         """
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
@@ -431,7 +438,9 @@ class ScoreProximalSVI:
         # A revert of a finite step whose -ELBO was sharply worse is the adaptive rule at work,
         # not a numerical failure (see _reject).
         self._numerical_failure = not (
-            math.isfinite(float(loss)) and bool(torch.isfinite(means[:4]).all())
+            isinstance(self.step_rule, AdaptiveStep)
+            and math.isfinite(float(loss))
+            and bool(torch.isfinite(means[:4]).all())
         )
         if active is not None:
             self._state = scatter_state(full_state, self._state, info, active.index)
@@ -483,10 +492,7 @@ class ScoreProximalSVI:
             self._step_model_params(params, grads, self.num_particles)
         # A finite loss rejected by the closed-form part's adaptive rule is a revert.
         self._numerical_failure = not (
-            math.isfinite(loss)
-            and family.diagonal is not None
-            and rule is not None
-            and not isinstance(rule, FixedStep)
+            math.isfinite(loss) and family.diagonal is not None and isinstance(rule, AdaptiveStep)
         )
         return loss, ok
 
@@ -669,8 +675,8 @@ class ScoreProximalSVI:
             self._warned_numerical = True
             warnings.warn(
                 f"ScoreProximalSVI rejected a step (loss = {loss}): its scores or update were not "
-                "finite; the guide was left at the previous finite iterate. Further rejections "
-                "are counted in num_rejected_steps without warning.",
+                "finite; the guide was left at a finite iterate (the previous one when reverted). "
+                "Further rejections are counted in num_rejected_steps without warning.",
                 RuntimeWarning,
                 stacklevel=3,
             )
