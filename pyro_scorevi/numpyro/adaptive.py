@@ -148,7 +148,9 @@ def dense_factors(curvature: CurvatureState, scale: jax.Array, rule: AdaptiveSte
 def refresh_curvature(
     curvature: CurvatureState, scale: jax.Array, rule: AdaptiveStep
 ) -> CurvatureState:
-    """The torch mirror's refresh; the eigendecomposition runs (``lax.cond``) only when due."""
+    """The torch mirror's refresh; the eigendecomposition runs (``lax.cond``) only when due.
+    Un-jitted, the branch is Python's: the closures of a ``lax.cond`` would be compiled anew
+    at every call (about 190 ms a step on a two-site model)."""
     d = scale.size
     due = (curvature.count >= rule.dense_memory_steps(d)) & (
         (curvature.refreshed < 0)
@@ -168,7 +170,11 @@ def refresh_curvature(
         failed = curvature._replace(refreshed=jnp.full_like(curvature.refreshed, -1.0))
         return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, failed)
 
-    return jax.lax.cond(due, refresh, lambda c: c, curvature)
+    try:  # called eagerly (an un-jitted update): a Python branch, no compile per call
+        concrete = bool(due)
+    except jax.errors.TracerBoolConversionError:
+        return jax.lax.cond(due, refresh, lambda c: c, curvature)
+    return refresh(curvature) if concrete else curvature
 
 
 def dense_mean_score(curvature: CurvatureState, mean_score: jax.Array):
