@@ -1,23 +1,11 @@
 import json
 import os
 
+import models
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-order = [
-    "radon_lkj",
-    "changepoint_sigmoid",
-    "irt_2pl",
-    "zip_regression",
-    "weibull_censored",
-    "beta_regression",
-    "mixture2_ordered",
-    "multinomial_logit",
-    "horseshoe20",
-    "hier_binomial_beta",
-    "pk_decay_hier",
-    "spline_rw",
-]
+order = list(models.MODELS)  # the models' own order
 rows, summary = [], {}
 
 
