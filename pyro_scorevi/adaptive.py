@@ -150,19 +150,25 @@ def dense_factors(curvature: CurvatureState, scale: torch.Tensor, rule: Adaptive
     ``None`` where the solve is singular or not finite (the step keeps :math:`\\bar g`)."""
     spread = curvature.spread
     # A ridge's Cov(delta) is full rank only on average: 1e-3 of its diagonal regularises it.
-    jitter = torch.diag(1e-3 * spread.diagonal() + torch.finfo(spread.dtype).tiny ** 0.5)
-    try:
-        hessian = -torch.linalg.solve(spread + jitter, curvature.cross.T).T  # -C_gd C_dd^-1
+    # The solve is Jacobi-scaled, in the correlation matrix of delta: the raw one spans the
+    # squared scale ratios of the coordinates, and in float32 its solve blew up a raw-scale
+    # collinear regression (d = 51) that converges in float64 or scaled.
+    tiny = torch.finfo(spread.dtype).tiny ** 0.5
+    spread_sd = spread.diagonal().sqrt() + tiny
+    correlation = spread / (spread_sd[:, None] * spread_sd[None, :])
+    correlation = correlation + torch.diag(1e-3 + tiny / spread_sd.square())
+    root = scale  # D^{1/2} = diag(s)
+    cross = root[:, None] * curvature.cross / spread_sd[None, :]
+    try:  # D^{1/2} (-C_gd C_dd^-1) D^{1/2}, with C_dd = diag(sd) R diag(sd)
+        whitened = -torch.linalg.solve(correlation, cross.T).T * (root / spread_sd)[None, :]
     except torch.linalg.LinAlgError:  # an exactly singular Cov(delta): keep the diagonal step
         return None
-    hessian = 0.5 * (hessian + hessian.T)
+    whitened = 0.5 * (whitened + whitened.T)
     # Coordinates with no positive curvature seen (a flat latent, exact zero scores) keep the
     # guide's own metric, uncoupled: noise in their cross moments must not move them.
-    diagonal = hessian.diagonal().clone()
+    diagonal = whitened.diagonal() / root.square()
     curved = diagonal > 0
-    hessian = torch.where(curved[:, None] & curved[None, :], hessian, 0.0)
-    root = scale  # D^{1/2} = diag(s)
-    whitened = root[:, None] * hessian * root[None, :]
+    whitened = torch.where(curved[:, None] & curved[None, :], whitened, 0.0)
     if not bool(torch.isfinite(whitened).all()):  # eigh raises on NaN: keep the diagonal step
         return None
     eigenvalues, vectors = torch.linalg.eigh(whitened)

@@ -128,14 +128,18 @@ def update_curvature(
 def dense_factors(curvature: CurvatureState, scale: jax.Array, rule: AdaptiveStep):
     """``((V, floored Lambda, D^{1/2}, curved, diag H), ok)`` (see the torch mirror)."""
     spread = curvature.spread
-    jitter = jnp.diag(1e-3 * jnp.diagonal(spread) + jnp.finfo(spread.dtype).tiny ** 0.5)
-    hessian = -jnp.linalg.solve(spread + jitter, curvature.cross.T).T
-    hessian = 0.5 * (hessian + hessian.T)
-    diagonal = jnp.diagonal(hessian)
-    curved = diagonal > 0  # as torch
-    hessian = jnp.where(curved[:, None] & curved[None, :], hessian, 0.0)
+    # Jacobi-scaled, as the torch mirror: the solve is in the correlation matrix of delta.
+    spread_sd = jnp.sqrt(jnp.diagonal(spread)) + jnp.finfo(spread.dtype).tiny ** 0.5
+    correlation = spread / (spread_sd[:, None] * spread_sd[None, :])
+    correlation = correlation + jnp.diag(1e-3 + jnp.finfo(spread.dtype).tiny ** 0.5 / spread_sd**2)
     root = scale
-    whitened = root[:, None] * hessian * root[None, :]
+    ratio = root / spread_sd
+    cross = root[:, None] * curvature.cross / spread_sd[None, :]
+    whitened = -jnp.linalg.solve(correlation, cross.T).T * ratio[None, :]
+    whitened = 0.5 * (whitened + whitened.T)
+    diagonal = jnp.diagonal(whitened) / root**2
+    curved = diagonal > 0  # as torch
+    whitened = jnp.where(curved[:, None] & curved[None, :], whitened, 0.0)
     eigenvalues, vectors = jnp.linalg.eigh(whitened)
     floor = rule.dense_min_eigenvalue
     eigenvalues = jnp.where(
