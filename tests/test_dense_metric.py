@@ -147,6 +147,49 @@ def test_dense_mean_score_is_the_newton_step_on_a_quadratic(backend, request):
     np.testing.assert_allclose(step, np.linalg.solve(capped, g), rtol=3e-3, atol=1e-8)
 
 
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_float32_factors_of_badly_scaled_moments_match_float64(backend, request):
+    """Scales over five decades (a raw-scale regression's intercept against its slopes) and
+    whitened eigenvalues over four: the float32 factors are within 1e-4 (relative) of the
+    float64 ones. The unscaled solve of Cov(delta) was off by 4e-4 here, and on a raw-scale
+    collinear regression (d = 51, float32) its error blew the loss up to 1e11 on the way."""
+    rng = np.random.default_rng(0)
+    d = 40
+    scale = 10.0 ** np.linspace(-4, 1, d)
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    hessian = q @ np.diag(10.0 ** np.linspace(-2, 2, d)) @ q.T / np.outer(scale, scale)
+    offsets = rng.standard_normal((400, d)) * scale
+    cross = (-offsets @ hessian).T @ offsets / 400
+    spread = offsets.T @ offsets / 400
+    rule = AdaptiveStep()
+    if backend == "torch":
+        from pyro_scorevi.adaptive import dense_factors, init_curvature
+
+        def factors(dtype):
+            t = lambda a: torch.as_tensor(a, dtype=dtype)  # noqa: E731
+            cur = init_curvature(t(scale))._replace(spread=t(spread), cross=t(cross), count=500.0)
+            _, eigenvalues, _, _, diagonal = dense_factors(cur, t(scale), rule)
+            return eigenvalues.double().numpy(), diagonal.double().numpy()
+
+        exact, single = factors(torch.float64), factors(torch.float32)
+    else:
+        request.getfixturevalue("jax_x64")  # float64 arrays next to the float32 ones
+        import jax.numpy as jnp
+
+        from pyro_scorevi.numpyro.adaptive import dense_factors, init_curvature
+
+        def factors(dtype):
+            t = lambda a: jnp.asarray(a, dtype=dtype)  # noqa: E731
+            cur = init_curvature(t(scale))._replace(spread=t(spread), cross=t(cross), count=500.0)
+            (_, eigenvalues, _, _, diagonal), ok = dense_factors(cur, t(scale), rule)
+            assert bool(ok)
+            return np.asarray(eigenvalues, float), np.asarray(diagonal, float)
+
+        exact, single = factors(jnp.float64), factors(jnp.float32)
+    for a, b in zip(single, exact):
+        np.testing.assert_allclose(a, b, rtol=1e-4)
+
+
 def test_dense_metric_torch_jax_parity(jax_x64):
     """The running moments and the dense score agree between the backends (float64)."""
     import jax.numpy as jnp
