@@ -67,9 +67,7 @@ def fit_pyro(method: str, x, y, steps: int):
         svi = ScoreProximalSVI(model, guide)
     losses = [svi.step(xt, yt) for _ in range(steps)]
     loc = np.concatenate([guide.locs.a.detach().numpy()[None], guide.locs.b.detach().numpy()])
-    scale = np.concatenate(
-        [guide.scales.a.detach().numpy()[None], guide.scales.b.detach().numpy()]
-    )
+    scale = np.concatenate([guide.scales.a.detach().numpy()[None], guide.scales.b.detach().numpy()])
     return loc, scale, float(np.mean(losses[-100:]))
 
 
@@ -112,8 +110,9 @@ def main(argv=None) -> None:
     parser.add_argument("--widths", default="50,150,250")
     parser.add_argument("--steps", type=int, default=1500)
     args = parser.parse_args(argv)
-    warnings.simplefilter("ignore")  # the frozen-fit warning of the raw fits, counted elsewhere
-    print("| P | columns | backend | method | mean err (sd) | max err | sd / mean-field sd | loss |")
+    warnings.simplefilter("ignore")  # the raw fits' frozen-fit warning: the table shows them
+    columns = ("P", "columns", "backend", "method", "mean err (sd)", "max err", "sd / mf sd")
+    print("| " + " | ".join(columns) + " | loss |")
     print("|---|---|---|---|---:|---:|---:|---:|")
     for width in (int(w) for w in args.widths.split(",")):
         for standardise in (False, True):
