@@ -129,9 +129,10 @@ def dense_factors(curvature: CurvatureState, scale: jax.Array, rule: AdaptiveSte
     """``((V, floored Lambda, D^{1/2}, curved, diag H), ok)`` (see the torch mirror)."""
     spread = curvature.spread
     # Jacobi-scaled, as the torch mirror: the solve is in the correlation matrix of delta.
-    spread_sd = jnp.sqrt(jnp.diagonal(spread)) + jnp.finfo(spread.dtype).tiny ** 0.5
+    tiny = jnp.finfo(spread.dtype).tiny ** 0.5
+    spread_sd = jnp.sqrt(jnp.diagonal(spread)) + tiny
     correlation = spread / (spread_sd[:, None] * spread_sd[None, :])
-    correlation = correlation + jnp.diag(1e-3 + jnp.finfo(spread.dtype).tiny ** 0.5 / spread_sd**2)
+    correlation = correlation + jnp.diag(1e-3 + tiny / spread_sd**2)
     root = scale
     ratio = root / spread_sd
     cross = root[:, None] * curvature.cross / spread_sd[None, :]
