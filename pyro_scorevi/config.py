@@ -20,6 +20,7 @@ __all__ = [
     "ScoreProximalConfig",
     "check_int",
     "particles_from_loss",
+    "diverging_fit_message",
     "frozen_fit_message",
     "warn_one_particle",
 ]
@@ -149,4 +150,19 @@ def frozen_fit_message(sites: list[str]) -> str:
         "an exp link on a raw-scale covariate, started far out (NumPyro's init_to_uniform). "
         "Restart nearer the mode (init_loc_fn=init_to_feasible or init_to_median) or rescale "
         "the covariate. See 'Far from the mode' in docs/pitfalls.md."
+    )
+
+
+def diverging_fit_message(now: float, ceiling: float) -> str:
+    """The warning of a fit whose running -ELBO has grown by an order of magnitude beyond its
+    least value (:func:`~pyro_scorevi.step_rules.is_diverging`), in both backends."""
+    return (
+        f"ScoreProximalSVI: the running mean of the -ELBO estimates is {now:.4g}, above "
+        f"{ceiling:.4g} (its least value so far plus ten times that value's size and noise): "
+        "the fit is diverging, and the guide is moving away from the posterior. "
+        "Typical cause: a wide, strongly correlated posterior, e.g. a regression on raw-scale, "
+        "collinear predictors with more coefficients than AdaptiveStep.dense_max_dim; centre "
+        "and scale the predictors (or reparameterise), then refit. If the data or the model "
+        "changed between steps, the new loss is not comparable and this warning does not "
+        "apply. See 'Correlated posteriors: ridges' in docs/pitfalls.md."
     )

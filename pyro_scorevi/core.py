@@ -47,9 +47,11 @@ from pyro_scorevi.step_rules import (
     floor_decay,
     initial_noise,
     largest_frequency,
+    loss_ceiling,
     noise_average,
     progress_means,
     should_restart,
+    steps_above_ceiling,
 )
 
 __all__ = [
@@ -85,6 +87,10 @@ class DiagonalState(NamedTuple):
         largest_frequency: running frequency of the accepted steps that moved some mean by the
             largest trust region (:func:`~pyro_scorevi.step_rules.largest_frequency`); a fit
             that :func:`~pyro_scorevi.step_rules.is_frozen` is reported.
+        loss_ceiling: the :func:`~pyro_scorevi.step_rules.loss_ceiling` of ``loss_fast``
+            (``inf`` before the first accepted step).
+        steps_above_ceiling: the accepted steps in a row with ``loss_fast`` above it; a fit
+            that :func:`~pyro_scorevi.step_rules.is_diverging` is reported.
     """
 
     loc: torch.Tensor
@@ -103,6 +109,8 @@ class DiagonalState(NamedTuple):
     released: float = 0.0
     curvature: CurvatureState | None = None
     largest_frequency: float = 0.0
+    loss_ceiling: float = math.inf
+    steps_above_ceiling: int = 0
 
 
 class StepInfo(NamedTuple):
@@ -225,6 +233,7 @@ def update(
     fast, slow = (
         float(v) for v in progress_means(rule, state.loss_fast, state.loss_slow, loss, np, noise)
     )
+    ceiling = float(loss_ceiling(state.loss_ceiling, fast, noise, np))
     new_state = state._replace(
         loc=new_loc,
         scale=new_scale,
@@ -241,6 +250,8 @@ def update(
         released=state.released + release,
         curvature=curvature,
         largest_frequency=float(largest_frequency(state.largest_frequency, float(at_largest))),
+        loss_ceiling=ceiling,
+        steps_above_ceiling=int(steps_above_ceiling(state.steps_above_ceiling, fast, ceiling, np)),
     )
     return new_state, StepInfo(loss, True, False)
 

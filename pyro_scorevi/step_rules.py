@@ -39,6 +39,9 @@ __all__ = [
     "at_largest_step",
     "largest_frequency",
     "is_frozen",
+    "is_diverging",
+    "loss_ceiling",
+    "steps_above_ceiling",
     "resolve_step_rule",
 ]
 
@@ -530,6 +533,43 @@ def is_frozen(frequency: float, step: int) -> bool:
     """Whether a fit of ``step`` accepted steps reads as frozen: at least ``FROZEN_MEMORY`` of
     them, and a :func:`largest_frequency` of ``FROZEN_FREQUENCY`` or more."""
     return step >= FROZEN_MEMORY and frequency >= FROZEN_FREQUENCY
+
+
+#: A fit is reported diverging once the running mean of its accepted losses (:math:`F`, memory
+#: ``progress_fast_memory``) has stayed above :math:`F^* + R(|F^*| + 4\sigma^* + 1)` for
+#: ``DIVERGED_STEPS`` accepted steps in a row, :math:`F^*` its least value so far and
+#: :math:`\sigma^*` the loss's noise sd then, :math:`R` = 10: a rise of ten times the loss's own
+#: size and noise that no noisy fit near its optimum makes (the -ELBO's expectation is least at
+#: the optimum, and :math:`F` averages 10 losses). The wide raw-scale regressions of
+#: ``benchmarks/experiments/wide_regression.py`` (P = 250) rose from about 1e5 to 1e16-1e19,
+#: 1.8e6-3e7 posterior sds away, without a word from either backend; the posterior suite and
+#: the comparison's problems never reach the ceiling.
+DIVERGED_RISE = 10.0
+#: 100 steps: the hold-out probe's raw-scale ``star98-binomial`` (Pyro, seed 0) rises above the
+#: ceiling for 27 steps far from its mode (a loss of 4e4 jumps to 3e6) and then converges
+#: (3600 at step 1500); a fit that diverges stays above it (P = 250: from step 244 to the end).
+DIVERGED_STEPS = 100
+
+
+def loss_ceiling(ceiling: Any, fast: Any, noise: Any, xp) -> Any:
+    """The level of :math:`F` above which the fit is climbing away, after an accepted step
+    with running mean ``fast`` and noise variance ``noise``: the least
+    :math:`F + R(|F| + 4\\sigma + 1)` so far (:data:`DIVERGED_RISE`); ``inf`` at the start.
+    A level that is not finite (an overflowing float32 loss) leaves it unchanged."""
+    level = fast + DIVERGED_RISE * (xp.abs(fast) + 4 * xp.sqrt(noise) + 1)
+    return xp.where(xp.isfinite(level), xp.minimum(ceiling, level), ceiling)
+
+
+def steps_above_ceiling(count: Any, fast: Any, ceiling: Any, xp) -> Any:
+    """The accepted steps in a row whose running mean ``fast`` was above its (updated)
+    :func:`loss_ceiling`, after one more: ``count + 1`` or 0."""
+    return xp.where(fast > ceiling, count + 1, 0)
+
+
+def is_diverging(count: int) -> bool:
+    """Whether the running loss has stayed above its :func:`loss_ceiling` for
+    :data:`DIVERGED_STEPS` accepted steps in a row (``count``, :func:`steps_above_ceiling`)."""
+    return int(count) >= DIVERGED_STEPS
 
 
 def progress_means(rule: AdaptiveStep, fast: Any, slow: Any, loss: Any, xp, noise: Any = None):

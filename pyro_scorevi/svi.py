@@ -37,7 +37,12 @@ from pyro.infer.util import zero_grads
 from pyro.optim import PyroOptim
 
 from pyro_scorevi import core, defaults
-from pyro_scorevi.config import frozen_fit_message, particles_from_loss, warn_one_particle
+from pyro_scorevi.config import (
+    diverging_fit_message,
+    frozen_fit_message,
+    particles_from_loss,
+    warn_one_particle,
+)
 from pyro_scorevi.fast_path import TracedStep
 from pyro_scorevi.general import (
     CompositeFamily,
@@ -61,6 +66,7 @@ from pyro_scorevi.step_rules import (
     AdaptiveStep,
     FixedStep,
     StepRule,
+    is_diverging,
     is_frozen,
     resolve_step_rule,
 )
@@ -219,6 +225,7 @@ class ScoreProximalSVI:
         self._dense = False
         self._warned_fixed_params = False
         self._warned_frozen = False
+        self._warned_diverging = False
         self._warned_numerical = False
         self._numerical_failure = True  # set by each diagonal step; other paths: non-finite
         self._pending_composite: dict | None = None
@@ -452,6 +459,7 @@ class ScoreProximalSVI:
             self._state = self._state._replace(loc=loc, scale=scale)
         if info.accepted:
             self._warn_if_frozen(family)
+            self._warn_if_diverging()
             self._step_model_params(params, param_grads, self.num_particles)
             if self.average_after is not None and self._state.step > self.average_after:
                 self._accumulate_average(self._state.loc, self._state.scale)
@@ -640,6 +648,16 @@ class ScoreProximalSVI:
             p.grad = -g / num_particles  # minimise -ELBO
         self.optim(params)
         zero_grads(params)
+
+    def _warn_if_diverging(self) -> None:
+        """One ``RuntimeWarning`` the first time the fit
+        :func:`~pyro_scorevi.step_rules.is_diverging` (its state's ``steps_above_ceiling``)."""
+        state = self._state
+        if self._warned_diverging or not is_diverging(state.steps_above_ceiling):
+            return
+        self._warned_diverging = True
+        message = diverging_fit_message(state.loss_fast, state.loss_ceiling)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     def _warn_if_frozen(self, family: DiagonalFamily) -> None:
         """One ``RuntimeWarning`` the first time the fit

@@ -59,6 +59,7 @@ from numpyro.optim import Adam, _NumPyroOptim, optax_to_numpyro
 from pyro_scorevi import defaults
 from pyro_scorevi.config import (
     ScoreProximalConfig,
+    diverging_fit_message,
     frozen_fit_message,
     particles_from_loss,
     warn_one_particle,
@@ -97,11 +98,14 @@ from pyro_scorevi.step_rules import (
     cap_release,
     floor_decay,
     initial_noise,
+    is_diverging,
     is_frozen,
     largest_frequency,
+    loss_ceiling,
     noise_average,
     progress_means,
     should_restart,
+    steps_above_ceiling,
 )
 
 __all__ = [
@@ -174,6 +178,10 @@ class AdaptiveState(NamedTuple):
         largest_frequency: running frequency of the accepted steps that moved some mean by the
             largest trust region (``step_rules.largest_frequency``); ``run`` warns when the fit
             ``step_rules.is_frozen``.
+        loss_ceiling: the ``step_rules.loss_ceiling`` of ``loss_fast`` (``inf`` before the
+            first accepted step).
+        steps_above_ceiling: the accepted steps in a row with ``loss_fast`` above it; ``run``
+            warns when the fit ends ``step_rules.is_diverging``.
     """
 
     rates: dict
@@ -188,6 +196,8 @@ class AdaptiveState(NamedTuple):
     released: jax.Array
     curvature: CurvatureState | tuple = ()
     largest_frequency: jax.Array | float = 0.0
+    loss_ceiling: jax.Array | float = float("inf")
+    steps_above_ceiling: jax.Array | int = 0
 
 
 #: Floor of the trust kappa (as :data:`pyro_scorevi.core.MIN_TRUST`).
@@ -253,6 +263,18 @@ def _warn_if_frozen(rule: Any, state: ScoreProximalState) -> None:
         if bool(jnp.any(rates.mean_radius >= rule.max_mean_radius))
     ]
     warnings.warn(frozen_fit_message(sites or list(adaptive.rates)), RuntimeWarning, stacklevel=3)
+
+
+def _warn_if_diverging(rule: Any, state: ScoreProximalState) -> None:
+    """One ``RuntimeWarning`` after :meth:`ScoreProximalSVI.run` when the fit
+    ends ``step_rules.is_diverging`` (``AdaptiveState.steps_above_ceiling``; the torch class
+    warns during the fit)."""
+    adaptive = state.rule
+    if not isinstance(rule, AdaptiveStep) or not isinstance(adaptive, AdaptiveState):
+        return
+    fast, ceiling = float(adaptive.loss_fast), float(adaptive.loss_ceiling)
+    if is_diverging(int(adaptive.steps_above_ceiling)):
+        warnings.warn(diverging_fit_message(fast, ceiling), RuntimeWarning, stacklevel=3)
 
 
 def _as_numpyro_optim(optim: Any, name: str = "inner_optim") -> _NumPyroOptim:
@@ -504,6 +526,8 @@ def _init_adaptive(family: DiagonalFamily, params: dict, rule: AdaptiveStep) -> 
         jnp.zeros((), dtype),
         init_curvature(_flat(locs)) if rule.uses_dense_metric(_flat(locs).size) else (),
         jnp.zeros((), dtype),
+        jnp.full((), jnp.inf, dtype),
+        jnp.zeros((), jnp.int32),
     )
 
 
@@ -761,6 +785,7 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
         )
     )
     frequency = largest_frequency(st.largest_frequency, largest)
+    ceiling = loss_ceiling(st.loss_ceiling, fast, noise, jnp)
     new_rule = AdaptiveState(
         _select(accepted, new_rates, st.rates),
         trust,
@@ -774,6 +799,12 @@ def _diagonal_step(scorer: _Scorer, family: DiagonalFamily, config, state, step_
         jnp.where(accepted, st.released + release, st.released).astype(dtype),
         curvature,
         jnp.where(accepted, frequency, st.largest_frequency).astype(dtype),
+        jnp.where(accepted, ceiling, st.loss_ceiling).astype(dtype),
+        jnp.where(
+            accepted,
+            steps_above_ceiling(st.steps_above_ceiling, fast, ceiling, jnp),
+            st.steps_above_ceiling,
+        ).astype(jnp.int32),
     )
     params = family.with_locs_scales(state.params, out_locs, out_scales)
     return params, loss, new_rule, accepted, param_grads
@@ -1100,4 +1131,5 @@ class ScoreProximalSVI:
         result = ScoreProximalRunResult(self.get_params(state), state, losses)
         _warn_if_failing(result, int(state.num_rejected) - rejected_before, num_steps)
         _warn_if_frozen(self.config.step_rule, state)
+        _warn_if_diverging(self.config.step_rule, state)
         return result
