@@ -356,67 +356,17 @@ def test_large_guides_and_dense_max_dim_zero_keep_the_diagonal_metric():
         assert (svi.state_dict()["diagonal_state"]["curvature"] is not None) == dense
 
 
-def _wide_standardised_regression(width=250, n=2000):
-    """``benchmarks/experiments/wide_regression.py``'s design, standardised: five collinear
-    blocks (correlation about 0.9), known noise sd 5, so the posterior is Gaussian; returns
-    ``(x, y, mean, sd)`` of the exact posterior of ``(a, b)``."""
-    rng = np.random.default_rng(0)
-    base = rng.standard_normal((n, width // 5))
-    x = np.concatenate([base + 0.3 * rng.standard_normal(base.shape) for _ in range(5)], 1)
-    x = 50 + 15 * x
-    y = 10 + x @ (0.2 * rng.standard_normal(width)) + 5 * rng.standard_normal(n)
-    x = (x - x.mean(0)) / x.std(0)
-    z = np.concatenate([np.ones((n, 1)), x], 1)
-    precision = np.diag([100.0**-2] + [10.0**-2] * width) + z.T @ z / 25
-    cov = np.linalg.inv(precision)
-    return x, y, cov @ (z.T @ y / 25), np.sqrt(np.diag(cov))
-
-
 @pytest.mark.parametrize("backend", ["torch", "jax"])
-def test_a_wide_standardised_regression_past_the_dense_size_is_exact(backend):
+def test_a_wide_standardised_regression_past_the_dense_size_is_exact(backend, wide_regression):
     """251 coordinates (past ``dense_max_dim``: the diagonal step) on collinear standardised
     columns: the defaults reach the exact posterior means within 1e-3 sds in 1500 steps in
-    both backends (measured 1e-6 to 3e-6; ``Trace_ELBO`` + Adam(0.01) ends 2.9 sds off). The
-    raw-scale version of this design diverges (``docs/pitfalls.md``, "Correlated posteriors")."""
-    x, y, mean, sd = _wide_standardised_regression()
-    width = x.shape[1]
-    if backend == "torch":
-        xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
-
-        def model(x, y):
-            a = pyro.sample("a", dist.Normal(0.0, 100.0))
-            b = pyro.sample("b", dist.Normal(0.0, 10.0).expand([width]).to_event(1))
-            with pyro.plate("data", x.shape[0]):
-                pyro.sample("y", dist.Normal(a + x @ b, 5.0), obs=y)
-
-        pyro.set_rng_seed(0)
-        pyro.clear_param_store()
-        guide = AutoNormal(model)
-        svi = ScoreProximalSVI(model, guide)
-        for _ in range(1500):
-            svi.step(xt, yt)
-        assert svi.state_dict()["diagonal_state"]["curvature"] is None  # the diagonal step
-        loc = torch.cat([guide.locs.a.detach()[None], guide.locs.b.detach()]).numpy()
-    else:
-        import jax
-        import jax.numpy as jnp
-        import numpyro
-        import numpyro.distributions as ndist
-        from numpyro.infer.autoguide import AutoNormal as NumPyroAutoNormal
-
-        from pyro_scorevi.numpyro import ScoreProximalSVI as NumPyroScoreProximalSVI
-
-        def model(x, y):
-            a = numpyro.sample("a", ndist.Normal(0.0, 100.0))
-            b = numpyro.sample("b", ndist.Normal(0.0, 10.0).expand([width]).to_event(1))
-            numpyro.sample("y", ndist.Normal(a + x @ b, 5.0), obs=y)
-
-        guide = NumPyroAutoNormal(model)
-        svi = NumPyroScoreProximalSVI(model, guide)
-        xj, yj = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
-        params = svi.run(jax.random.PRNGKey(0), 1500, xj, yj, progress_bar=False).params
-        loc = np.concatenate([np.ravel(params["a_auto_loc"]), np.asarray(params["b_auto_loc"])])
+    both backends (measured 1e-6 to 3e-6; ``Trace_ELBO`` + Adam(0.01) ends 2.9 sds off), and
+    never report the fit as diverging. The raw-scale version of this design diverges, and
+    says so (``tests/test_diverging_fit.py``; ``docs/pitfalls.md``, "Correlated posteriors")."""
+    x, y, mean, sd = wide_regression.design()
+    loc, _, caught = wide_regression.fit(backend, x, y, 1500)
     np.testing.assert_array_less(np.abs(loc - mean) / sd, 1e-3)
+    assert not [m for m in caught if "the fit is diverging" in m]
 
 
 def test_dense_options_are_validated():
