@@ -272,9 +272,9 @@ def _warn_if_diverging(rule: Any, state: ScoreProximalState) -> None:
     adaptive = state.rule
     if not isinstance(rule, AdaptiveStep) or not isinstance(adaptive, AdaptiveState):
         return
-    fast, ceiling = float(adaptive.loss_fast), float(adaptive.loss_ceiling)
     if is_diverging(int(adaptive.steps_above_ceiling)):
-        warnings.warn(diverging_fit_message(fast, ceiling), RuntimeWarning, stacklevel=3)
+        message = diverging_fit_message(float(adaptive.loss_fast), float(adaptive.loss_ceiling))
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _as_numpyro_optim(optim: Any, name: str = "inner_optim") -> _NumPyroOptim:
