@@ -292,6 +292,7 @@ def test_steep_glm_from_the_wide_default_guide_reaches_nuts():
     assert svi._state.rejected_in_a_row < 10
 
 
+@pytest.mark.slow
 def test_scales_reach_the_mean_field_width_once_the_loss_has_stopped_falling():
     """Mini-batch noise at the mode keeps the means' step signs random, which held the scales
     (capped by the mean rate) narrow: on the comparison's logistic regression (breast cancer,

@@ -124,7 +124,9 @@ def test_unknown_problem_names_the_choices():
 
 
 @pytest.mark.skipif(not numpyro_available()[0], reason="NumPyro backend not importable")
-@pytest.mark.parametrize("name", ["logreg", "digits-vit", "sunspots"])
+@pytest.mark.parametrize(
+    "name", ["logreg", pytest.param("digits-vit", marks=pytest.mark.slow), "sunspots"]
+)
 def test_pyro_and_numpyro_twins_have_the_same_log_joint(name):
     # Parity tier (float32 models): 1e-4 relative.
     import jax

@@ -226,6 +226,7 @@ def test_numpyro_score_fn_is_the_pyro_log_joint():
     assert float(log_p[0]) == pytest.approx(lp, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_full_rank_neg_elbo_agrees_with_an_exact_entropy_estimate():
     # Trace_ELBO on the Pyro model with the full-rank guide, against E_q[log p] (NumPyro log
     # joint, 5000 draws) + the exact entropy, at a close full-rank fit (full-batch BaM), where

@@ -263,6 +263,7 @@ def _poisson_regression():
     return model, (x, counts), beta, precision
 
 
+@pytest.mark.slow
 def test_poisson_regression_far_from_the_mode_with_one_alternation():
     # docs/pitfalls.md, "Far from the mode": with the defaults (init_scale 0.1, two alternations)
     # the first step overshoots to log rates ~ 30 and every later step is rejected (measured);
@@ -290,6 +291,7 @@ def test_poisson_regression_far_from_the_mode_with_one_alternation():
 # ---------------------------------------------------------------------------- (d) vs Trace_ELBO
 
 
+@pytest.mark.slow
 def test_agrees_with_trace_elbo_on_logistic_regression():
     # Same model, same AutoNormal family: both fit the mean-field ELBO optimum. Monte Carlo tier:
     # means within 0.25 of the fitted posterior sd. Measured (seeds 0, 1) with 2000 Adam steps
@@ -343,6 +345,7 @@ def _correlated_gaussian():
     return model, mean, cov
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("Guide", [AutoMultivariateNormal, AutoLowRankMultivariateNormal])
 def test_inner_step_families_fit_a_correlated_gaussian(Guide):
     # Full- and low-rank guides are fitted by K = 5 inner Adam steps per iteration (no closed

@@ -281,6 +281,7 @@ def _nile_scales(rule, seed):
     return _nile_fit(rule, seed)[0]
 
 
+@pytest.mark.slow
 def test_dense_restart_leaves_no_stale_curvature_on_a_local_level_model():
     """The running curvature of this model remembers its start: after 1500 steps without the
     restart, H_jj s_j^2 is 6729 and 86324 on the variance parameters (seed 2; 174 on seed 1),

@@ -177,6 +177,7 @@ def test_exact_guide_gives_constant_weights_equal_to_evidence():
     np.testing.assert_allclose(lw, log_evidence, atol=1e-4)  # float32 identity tier
 
 
+@pytest.mark.slow
 def test_khat_separates_good_from_bad_fit():
     torch.manual_seed(0)
     # Good: Gaussian posterior, mean-field Gaussian guide contains it.

@@ -132,6 +132,7 @@ def test_beta_bernoulli(guide_cls, method):
     assert predictive(random.PRNGKey(1), None)["obs"].shape == (11, n, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_positional_subsample_size_unindexed_data(method):
     # test_autodais_subsampling_error's model on AutoNormal: plate("plate", 20, 10) scales the
@@ -201,6 +202,7 @@ def test_autodelta_models_on_autonormal(shape, method):
     assert_moments(x, 0.0, 1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_lognormal_global_and_plate_local_latents(method):
     # test_indep_semirvrs's models, each site on AutoNormal: LogNormal priors with no data are
@@ -489,6 +491,7 @@ def test_logistic_regression(guide_cls, method):
     )["logits"].shape == (3, 100)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_iaf_model_on_autonormal(method):
     # test_iaf's model (no plate, N = 3000, a Uniform(-1, 1) offset) on AutoNormal.
@@ -510,6 +513,7 @@ def test_iaf_model_on_autonormal(method):
     assert_moments(z, mean, sd, mean_tol=0.2, sd_tol=0.35)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_uniform_normal_reparam_and_dynamic_supports(method):
     # test_uniform_normal and test_dynamic_supports: loc = alpha * Uniform(0, 1) by a

@@ -75,6 +75,7 @@ def test_invalid_arguments(kwargs, error, match):
         ScoreProximalSVI(gaussian_model, AutoNormal(gaussian_model), **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("antithetic", [True, False])
 def test_odd_particles_ok(antithetic):
     # With antithetic=True, S = 3 is one pair and one plain draw (as in the Pyro class).
@@ -211,6 +212,7 @@ def test_jit_equals_eager_and_traces_once(guide_cls):
     assert int(jit_state.step) == 5
 
 
+@pytest.mark.slow
 def test_run_progress_bar_matches_scan():
     guide = AutoNormal(two_site_model)
     svi = ScoreProximalSVI(two_site_model, guide)
