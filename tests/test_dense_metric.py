@@ -356,6 +356,7 @@ def test_large_guides_and_dense_max_dim_zero_keep_the_diagonal_metric():
         assert (svi.state_dict()["diagonal_state"]["curvature"] is not None) == dense
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "jax"])
 def test_a_wide_standardised_regression_past_the_dense_size_is_exact(backend, wide_regression):
     """251 coordinates (past ``dense_max_dim``: the diagonal step) on collinear standardised

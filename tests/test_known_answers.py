@@ -50,6 +50,7 @@ def _dense_gaussian(d=10, seed=0):
     return model, mean, precision
 
 
+@pytest.mark.slow
 def test_dense_gaussian_target_mean_field_fixed_point():
     # Exact scores of N(mu, Lambda^-1); the diagonal fixed point (= the mean-field ELBO optimum)
     # is m = mu, s_j^2 = 1 / Lambda_jj. Monte Carlo tier: the precision of a coordinate is
@@ -88,6 +89,7 @@ def test_dense_gaussian_target_mean_field_fixed_point():
     torch.testing.assert_close(fits[0][1], fits[1][1], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dense_gaussian_fixed_point_with_a_separate_scale_weight():
     # scale_prox_weight changes the path, not the fixed point: from a scale 10x too small
     # (the regime it is for), slow scales (lambda_s = 10 lambda) still reach m = mu,
@@ -191,6 +193,7 @@ def _fit_linear_regression(num_steps, **kwargs):
     return mean_error, var_error
 
 
+@pytest.mark.slow
 def test_minibatch_linear_regression():
     # N / B = 31: each mini-batch score carries noise of ~sqrt(N/B) = 5.6 posterior sds, so a
     # mean within 0.1 sd needs >~ (5.6 / 0.1)^2 = 3000 steps even with optimally averaged steps

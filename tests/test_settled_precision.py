@@ -82,6 +82,7 @@ def _fit_jax(rule, steps):
     return np.asarray(result.params["x_auto_scale"], dtype=float)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "jax"])
 def test_settled_scales_reach_the_mean_field_optimum_of_a_correlated_gaussian(backend):
     """500 steps (the issue's 1000 evaluations): the scales' log-error against the mean-field
@@ -297,6 +298,7 @@ def test_dense_restart_leaves_no_stale_curvature_on_a_local_level_model():
     assert np.max(np.abs(stale[1:3])) > 10
 
 
+@pytest.mark.slow
 def test_settled_band_keeps_the_variance_parameters_of_a_local_level_model():
     """The failure that kept the settled precision opt-in: on this model (seed 2) the running
     curvature of log sigma_level remembered the start (3.6e5 times its mean-field precision

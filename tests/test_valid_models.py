@@ -386,6 +386,7 @@ def test_local_latents_in_two_nested_subsampled_plates():
     assert float((z_loc - y).abs().max()) < 1.0
 
 
+@pytest.mark.slow
 def test_local_latents_in_a_guide_list_with_a_map_part():
     # AutoGuideList: the AutoNormal part (mu and the 100 local theta, mini-batched) keeps the
     # row-wise closed form, the AutoDelta part (the noise sigma) takes MAP steps; the list's
@@ -1006,6 +1007,7 @@ def test_pattern_obs_mask_multivariate(engine):
     assert_close_fit(y_loc[~mask], y_scale[~mask], mean[2:], sd[2:], engine)
 
 
+@pytest.mark.slow
 def test_obs_mask_flat_entries_stay_bounded_in_a_long_run():
     # The observed entries of "y_unobserved" are flat: exact zero scores. The closed-form step
     # leaves them where they are (Trace_ELBO's scale there drifts, log-linearly); every step is

@@ -178,6 +178,7 @@ def test_exact_guide_gives_constant_weights_equal_to_evidence():
     np.testing.assert_allclose(lw, log_evidence, atol=1e-4)  # float32 identity tier
 
 
+@pytest.mark.slow
 def test_khat_separates_good_from_bad_fit():
     n = 20
     y = jax.random.normal(jax.random.PRNGKey(0), (n,)) + 0.5

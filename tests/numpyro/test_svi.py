@@ -399,6 +399,7 @@ def _minibatch_regression():
     return model, x, y, mean, np.sqrt(np.diag(cov)), prec
 
 
+@pytest.mark.slow
 def test_minibatch_linear_regression_with_iterate_averaging():
     # As the Pyro test of the same name: N = 2000, B = 64 (N/B ~ 31), one alternation,
     # constant lambda = 100, Polyak averaging after 500 steps. The averaged mean's error falls
