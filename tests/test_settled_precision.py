@@ -82,7 +82,6 @@ def _fit_jax(rule, steps):
     return np.asarray(result.params["x_auto_scale"], dtype=float)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "jax"])
 def test_settled_scales_reach_the_mean_field_optimum_of_a_correlated_gaussian(backend):
     """500 steps (the issue's 1000 evaluations): the scales' log-error against the mean-field
