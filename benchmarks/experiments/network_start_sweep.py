@@ -41,6 +41,20 @@ def pyro_starts(problem, seeds: list[int]) -> dict[int, dict[str, np.ndarray]]:
     return starts
 
 
+def with_initial_means(state, locs: dict):
+    """A NumPyro ``ScoreProximalState`` whose ``AutoNormal`` means are ``locs`` (name to array),
+    the adaptive rule's backup copy of them included (unused before a first step)."""
+    params = dict(state.params)
+    for name, value in locs.items():
+        key = f"{name}_auto_loc"
+        params[key] = jnp.asarray(value, params[key].dtype).reshape(params[key].shape)
+    state = state._replace(params=params)
+    if state.rule != ():
+        backup = {k: params[f"{k}_auto_loc"] for k in state.rule.backup_locs}
+        state = state._replace(rule=state.rule._replace(backup_locs=backup))
+    return state
+
+
 def fit(problem, model, rule: dict, seed: int, steps: int, start: dict | None) -> dict:
     from numpyro.infer.autoguide import AutoNormal
     from numpyro.infer.initialization import init_to_median
@@ -52,12 +66,7 @@ def fit(problem, model, rule: dict, seed: int, steps: int, start: dict | None) -
     svi = ScoreProximalSVI(model, guide, num_particles=2, step_rule=AdaptiveStep(**rule))
     state = svi.init(jax.random.PRNGKey(seed))
     if start is not None:
-        params = dict(state.params)
-        for name, value in start.items():
-            key = f"{name}_auto_loc"
-            params[key] = jnp.asarray(value, params[key].dtype).reshape(params[key].shape)
-        backup = {k: params[f"{k}_auto_loc"] for k in state.rule.backup_locs}
-        state = state._replace(params=params, rule=state.rule._replace(backup_locs=backup))
+        state = with_initial_means(state, start)
     run = jax.jit(lambda s: jax.lax.scan(lambda c, _: svi.update(c), s, None, length=steps))
     state, _ = run(state)
     params = svi.get_params(state)
