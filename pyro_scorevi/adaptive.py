@@ -42,6 +42,8 @@ class RateState(NamedTuple):
         mean_memory, scale_memory: their memories :math:`\\tau` (in steps).
         mean_radius: the mean's trust radius :math:`r` (in standard deviations).
         last_mean_step: the previous accepted mean step (for the radius' Rprop rule).
+        ratio_spread, ratio_curvature: running means of :math:`\\mathrm{Var}\\,\\delta/s^2`
+            and :math:`-\\mathrm{Cov}(\\delta, \\hat g)/s^2` (``variance_ratio_memory``).
     """
 
     mean_trend: torch.Tensor
@@ -50,6 +52,8 @@ class RateState(NamedTuple):
     scale_memory: torch.Tensor
     mean_radius: torch.Tensor
     last_mean_step: torch.Tensor
+    ratio_spread: torch.Tensor
+    ratio_curvature: torch.Tensor
 
 
 def init_rates(loc: torch.Tensor, rule: AdaptiveStep) -> RateState:
@@ -62,6 +66,8 @@ def init_rates(loc: torch.Tensor, rule: AdaptiveStep) -> RateState:
         memory,
         memory.clone(),
         torch.full_like(loc, rule.initial_mean_radius),
+        zeros.clone(),
+        zeros.clone(),
         zeros.clone(),
     )
 
@@ -261,11 +267,14 @@ def variance_ratio(
     rule: AdaptiveStep,
     release: torch.Tensor | float,
 ) -> torch.Tensor:
-    """The factor of the mean's step: :math:`1 + (\\operatorname{clip}(\\hat v/s^2, 1, M) - 1)
-    (1 - \\text{release})`, :math:`\\hat v = \\mathrm{Var}\\,\\delta / (-\\mathrm{Cov}(\\delta,
-    \\hat g))` (:math:`M` where the covariance is not negative: no positive curvature seen),
-    :math:`M` = ``max_variance_ratio``."""
-    return _ratio(scale.square(), *_moments(stats), rule, release)
+    """The factor of the mean's step from one step's own moments (``variance_ratio_memory``
+    1): :math:`1 + (\\operatorname{clip}(\\hat v/s^2, 1, M) - 1) (1 - \\text{release})`,
+    :math:`\\hat v = \\mathrm{Var}\\,\\delta / (-\\mathrm{Cov}(\\delta, \\hat g))`
+    (:math:`M` where the covariance is not negative: no positive curvature seen), :math:`M` =
+    ``max_variance_ratio``."""
+    spread, cross = _moments(stats)
+    w = scale.square()
+    return _ratio(spread / w, -cross / w, w, rule, release)
 
 
 def _moments(stats: ScoreStatistics) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,9 +291,10 @@ def _directions(w, stats, spread, cross):
     return mean_direction, precision_direction
 
 
-def _ratio(w, spread, cross, rule, release):
+def _ratio(spread, curvature, w, rule, release):
+    """The factor from ``spread`` :math:`\\approx \\mathrm{Var}\\,\\delta/s^2` and
+    ``curvature`` :math:`\\approx -\\mathrm{Cov}(\\delta, \\hat g)/s^2`."""
     limit = rule.max_variance_ratio
-    curvature = -cross
     curved = curvature > 0
     # v / s^2 = spread / (curvature s^2), clamped to [1, M]; a huge or infinite quotient is M.
     quotient = spread / (torch.where(curved, curvature, 1.0) * w)
@@ -418,10 +428,15 @@ def adaptive_update(
     # estimate of the target's (at most max_variance_ratio times): scales held back by the cap
     # (a network early on) no longer slow their means down.
     mean_step = proposed_loc - loc
-    if apply_variance_ratio and not (
-        rule.max_variance_ratio == 1 or (isinstance(release, float) and release >= 1)
-    ):
-        mean_step = mean_step * _ratio(w, spread, cross, rule, release)
+    ratio_spread, ratio_curvature = rates.ratio_spread, rates.ratio_curvature
+    if apply_variance_ratio and rule.max_variance_ratio != 1:
+        # The moments' running means (each step's own at variance_ratio_memory = 1); kept up
+        # to date once the loss has stopped falling too, where the factor is 1.
+        forget = 1 / rule.variance_ratio_memory
+        ratio_spread = ratio_spread + forget * (spread / w - ratio_spread)
+        ratio_curvature = ratio_curvature + forget * (-cross / w - ratio_curvature)
+        if not (isinstance(release, float) and release >= 1):
+            mean_step = mean_step * _ratio(ratio_spread, ratio_curvature, w, rule, release)
     # Heavy-ball momentum where the mean's steps agree (a ridge of a correlated posterior, which
     # coordinate-wise steps otherwise crawl along); off where they turn.
     if rule.momentum:
@@ -449,5 +464,7 @@ def adaptive_update(
         scale_memory,
         mean_radius,
         mean_step,
+        ratio_spread,
+        ratio_curvature,
     )
     return loc + mean_step, new_scale, new_rates, mean_rate

@@ -541,3 +541,57 @@ def test_variance_ratio_is_the_stein_estimate_of_the_target_variance(backend):
     np.testing.assert_allclose(ratio(0.0, wide), [50.0, 1.0, 100.0, 100.0], rtol=1e-4)
     with pytest.raises(ValueError, match="max_variance_ratio"):
         AdaptiveStep(max_variance_ratio=0.5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_variance_ratio_memory_averages_the_moments_over_steps(backend):
+    """With variance_ratio_memory tau the ratio's two moments are running means (factor 1/tau,
+    from 0) of Var(delta)/s^2 and -Cov(delta, g)/s^2: one step that sees no curvature (a
+    constant score) no longer sends the factor to M. tau = 1 is each step's own moments."""
+    scale = np.full(2, 0.1)
+    z = np.array([0.7, -1.3])
+    offsets = np.stack([scale * z, -scale * z])
+    gaussian = -offsets / (20 * scale**2)  # target variance 20 s^2: v / s^2 = 20
+    constant = np.full_like(offsets, 0.3)  # no curvature seen
+    if backend == "torch":
+        from pyro_scorevi.adaptive import adaptive_update, init_rates
+        from pyro_scorevi.proximal import score_statistics
+
+        as_array = torch.tensor
+    else:
+        pytest.importorskip("jax")
+        import jax.numpy as jnp
+
+        from pyro_scorevi.numpyro.adaptive import adaptive_update, init_rates
+        from pyro_scorevi.numpyro.proximal import score_statistics
+
+        as_array = jnp.asarray
+
+    def two_steps(memory):
+        rule = AdaptiveStep(max_variance_ratio=100.0, variance_ratio_memory=memory)
+        loc, s = as_array(np.zeros(2)), as_array(scale)
+        rates = init_rates(loc, rule)
+        steps = []
+        for scores in (gaussian, constant):  # the same frozen guide at both steps
+            new_loc, _, rates, _ = adaptive_update(
+                loc, s, score_statistics(as_array(offsets), as_array(scores)), rates, 1.0, rule
+            )
+            steps.append(np.asarray(new_loc))
+        return steps[1], rates
+
+    own_step, own = two_steps(1.0)
+    mean_step, smoothed = two_steps(10.0)
+    spread = 1.0  # Var(delta) / s^2 of an antithetic pair at +-s z, per unit z^2
+    np.testing.assert_allclose(np.asarray(own.ratio_spread), spread * z**2, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(own.ratio_curvature), 0.0, atol=1e-6)
+    # 0.1 (1 - 0.1) a + 0.1 a and 0.1 (1 - 0.1) c + 0.1 * 0.
+    np.testing.assert_allclose(np.asarray(smoothed.ratio_spread), 0.19 * z**2, rtol=1e-5)
+    curvature = z**2 / 20 / scale**2  # -Cov(delta, g) / s^2 = Var(delta) / (v s^2)
+    np.testing.assert_allclose(np.asarray(smoothed.ratio_curvature), 0.09 * curvature, rtol=1e-5)
+    # The second mean step: factor M = 100 from that step alone, (0.19 / 0.09) * 20 = 42.2
+    # from the running means (the rates are otherwise the same).
+    np.testing.assert_allclose(mean_step / own_step, 0.19 / 0.09 * 20 / 100, rtol=1e-4)
+    with pytest.raises(ValueError, match="variance_ratio_memory"):
+        AdaptiveStep(variance_ratio_memory=0.5)
+    with pytest.raises(ValueError, match="variance_ratio_memory"):
+        AdaptiveStep(variance_ratio_memory=float("inf"))

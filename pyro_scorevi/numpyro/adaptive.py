@@ -41,6 +41,8 @@ class RateState(NamedTuple):
     scale_memory: jax.Array
     mean_radius: jax.Array
     last_mean_step: jax.Array
+    ratio_spread: jax.Array
+    ratio_curvature: jax.Array
 
 
 def init_rates(loc: jax.Array, rule: AdaptiveStep) -> RateState:
@@ -53,6 +55,8 @@ def init_rates(loc: jax.Array, rule: AdaptiveStep) -> RateState:
         memory,
         memory,
         jnp.full_like(loc, rule.initial_mean_radius),
+        zeros,
+        zeros,
         zeros,
     )
 
@@ -213,8 +217,10 @@ def step_directions(scale: jax.Array, stats: ScoreStatistics) -> tuple[jax.Array
 def variance_ratio(
     scale: jax.Array, stats: ScoreStatistics, rule: AdaptiveStep, release: jax.Array | float
 ) -> jax.Array:
-    """The factor of the mean's step (see the torch mirror)."""
-    return _ratio(jnp.square(scale), *_moments(stats), rule, release)
+    """The factor of the mean's step from one step's own moments (see the torch mirror)."""
+    spread, cross = _moments(stats)
+    w = jnp.square(scale)
+    return _ratio(spread / w, -cross / w, w, rule, release)
 
 
 def _moments(stats: ScoreStatistics) -> tuple[jax.Array, jax.Array]:
@@ -229,9 +235,8 @@ def _directions(w, stats, spread, cross):
     return mean_direction, precision_direction
 
 
-def _ratio(w, spread, cross, rule, release):
+def _ratio(spread, curvature, w, rule, release):
     limit = rule.max_variance_ratio
-    curvature = -cross
     curved = curvature > 0
     quotient = spread / (jnp.where(curved, curvature, 1.0) * w)
     quotient = jnp.nan_to_num(quotient, nan=limit, posinf=limit, neginf=1.0)
@@ -328,8 +333,12 @@ def adaptive_update(
         scale_prox_weight=4 / scale_rate - 4,
     )
     mean_step = proposed_loc - loc
+    ratio_spread, ratio_curvature = rates.ratio_spread, rates.ratio_curvature
     if apply_variance_ratio and rule.max_variance_ratio != 1:  # as torch (release is traced here)
-        mean_step = mean_step * _ratio(w, spread, cross, rule, release)
+        forget = 1 / rule.variance_ratio_memory
+        ratio_spread = ratio_spread + forget * (spread / w - ratio_spread)
+        ratio_curvature = ratio_curvature + forget * (-cross / w - ratio_curvature)
+        mean_step = mean_step * _ratio(ratio_spread, ratio_curvature, w, rule, release)
     # Heavy-ball momentum where the mean's steps agree (a ridge of a correlated posterior, which
     # coordinate-wise steps otherwise crawl along); off where they turn.
     if rule.momentum:
@@ -356,5 +365,7 @@ def adaptive_update(
         scale_memory,
         mean_radius,
         mean_step,
+        ratio_spread,
+        ratio_curvature,
     )
     return loc + mean_step, new_scale, new_rates, mean_rate
