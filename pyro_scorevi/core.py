@@ -131,8 +131,21 @@ def state_from_dict(fields: dict) -> DiagonalState:
     """The :class:`DiagonalState` of ``state._asdict()`` (its ``rates`` a plain tuple after a
     round trip through ``torch.save``)."""
     fields = dict(fields)
-    if fields["rates"] is not None:
-        fields["rates"] = RateState(*fields["rates"])
+    rates = fields["rates"]
+    if rates is not None:
+        rates = tuple(rates)
+        if len(rates) == len(RateState._fields) - 2:
+            # Saved before the variance ratio's running moments (variance_ratio_memory): they
+            # start again from 0, as in a fresh fit.
+            rates = rates + (torch.zeros_like(rates[0]), torch.zeros_like(rates[0]))
+        if len(rates) != len(RateState._fields):
+            raise ValueError(
+                f"state_dict holds {len(rates)} step-rule statistics per coordinate, this "
+                f"release keeps {len(RateState._fields)} ({', '.join(RateState._fields)}); it "
+                "was saved by another version of pyro_scorevi: refit, or load it with that "
+                "version."
+            )
+        fields["rates"] = RateState(*rates)
     if fields.get("curvature") is not None:
         fields["curvature"] = CurvatureState(*fields["curvature"])
     return DiagonalState(**fields)

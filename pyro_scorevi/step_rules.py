@@ -122,10 +122,10 @@ class AdaptiveStep:
         max_variance_ratio: :math:`M \\ge 1`; the mean's closed-form step is multiplied by
             :math:`1 + (\\operatorname{clip}(\\hat v_j / s_j^2, 1, M) - 1)(1 - \\text{release})`,
             where :math:`\\hat v_j = \\mathrm{Var}\\,\\delta_j / (-\\mathrm{Cov}(\\delta_j,
-            \\hat g_j))` is the Stein estimate of the target's variance from the step's own
-            draws (exact on a Gaussian): a Newton step in the larger of the guide's and the
-            target's variance while the loss falls, the guide's once it has stopped. ``1``
-            turns it off.
+            \\hat g_j))` is the Stein estimate of the target's variance from the draws (exact
+            on a Gaussian; its moments averaged over ``variance_ratio_memory`` steps): a Newton
+            step in the larger of the guide's and the target's variance while the loss falls,
+            the guide's once it has stopped. ``1`` turns it off.
         variance_ratio_memory: :math:`\\tau_v \\ge 1`; the two moments of :math:`\\hat v_j`
             are running means (factor :math:`1/\\tau_v`, from 0) over the steps of
             :math:`\\mathrm{Var}\\,\\delta_j / s_j^2` and :math:`-\\mathrm{Cov}(\\delta_j,

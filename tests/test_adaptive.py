@@ -595,3 +595,49 @@ def test_variance_ratio_memory_averages_the_moments_over_steps(backend):
         AdaptiveStep(variance_ratio_memory=0.5)
     with pytest.raises(ValueError, match="variance_ratio_memory"):
         AdaptiveStep(variance_ratio_memory=float("inf"))
+
+
+def test_variance_ratio_moments_resume_exactly_and_old_state_dicts_load(tmp_path):
+    """On a diagonal guide (the dense metric off) ``state_dict`` carries the ratio's running
+    moments, so a resumed fit continues bit for bit; a state saved before them (six statistics
+    per coordinate) loads with the moments at 0, and any other layout is a clear error."""
+    from pyro.util import get_rng_state, set_rng_state
+
+    from pyro_scorevi import core
+
+    x = torch.randn(200, 3, generator=torch.Generator().manual_seed(4))
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.5 * torch.randn(200)
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+        with pyro.plate("data", len(y), subsample_size=32) as i:
+            pyro.sample("obs", dist.Normal(x[i] @ w, 0.5), obs=y[i])
+
+    rule = AdaptiveStep(dense_max_dim=0)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    svi = ScoreProximalSVI(model, AutoNormal(model), step_rule=rule)
+    for _ in range(50):
+        svi.step(x, y)
+    rates = svi.state_dict()["diagonal_state"]["rates"]
+    assert torch.all(rates.ratio_curvature != 0)
+    path = tmp_path / "params.pt"
+    pyro.get_param_store().save(path)
+    state, rng = svi.state_dict(), get_rng_state()
+    expected = [svi.step(x, y) for _ in range(20)]
+
+    pyro.clear_param_store()
+    pyro.get_param_store().load(path)
+    resumed = ScoreProximalSVI(model, AutoNormal(model), step_rule=rule)
+    resumed.load_state_dict(state)
+    set_rng_state(rng)
+    assert [resumed.step(x, y) for _ in range(20)] == expected
+
+    fields = dict(state["diagonal_state"])
+    fields["rates"] = tuple(rates)[:6]
+    old = core.state_from_dict(fields)
+    assert torch.equal(old.rates.mean_radius, rates.mean_radius)
+    assert torch.equal(old.rates.ratio_spread, torch.zeros_like(rates.ratio_spread))
+    fields["rates"] = tuple(rates)[:5]
+    with pytest.raises(ValueError, match="step-rule statistics"):
+        core.state_from_dict(fields)
