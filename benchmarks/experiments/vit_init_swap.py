@@ -10,17 +10,22 @@ and prints the test NLL and accuracy (the comparison's estimator, 100 draws). Ot
 the other networks, NumPyro only: ``network_start_sweep.py`` beside this file.
 
     OMP_NUM_THREADS=1 python benchmarks/experiments/vit_init_swap.py --seeds 0,1,2,3,4,5
+
+``--rule JSON`` fits the Pyro guides only, under ``AdaptiveStep(**json.loads(JSON))`` (the same
+rule on NumPyro: ``network_start_sweep.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import pyro
 import torch
 from network_start_sweep import with_initial_means
 
+from pyro_scorevi import AdaptiveStep, ScoreProximalSVI
 from pyro_scorevi.compare.problems import get_problem
 from pyro_scorevi.compare.runner import Settings, _NumPyroFit, _PyroFit, select_methods
 
@@ -53,6 +58,7 @@ def main() -> None:
     parser.add_argument(
         "--no-swap", action="store_true", help="each from its own start (the comparison's fits)"
     )
+    parser.add_argument("--rule", help="AdaptiveStep keyword arguments, JSON: Pyro fits only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     problem, settings = get_problem("digits-vit"), Settings()
@@ -62,6 +68,16 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         with pyro.get_param_store().scope():
             pyro_fit = _PyroFit(problem, by_backend["pyro"], seed, settings)
+            if args.rule:  # the same guide and start, another rule
+                rule = AdaptiveStep(**json.loads(args.rule))
+                pyro_fit.svi = ScoreProximalSVI(pyro_fit.model, pyro_fit.guide, step_rule=rule)
+                p, tp = fit_figures(problem, pyro_fit, args.steps, seed)
+                print(
+                    f"seed {seed}, Pyro from its own start, rule {args.rule}: NLL "
+                    f"{p['nll']:.3f}, accuracy {p['accuracy']:.3f} ({tp:.0f} s)",
+                    flush=True,
+                )
+                continue
             numpyro_fit = _NumPyroFit(problem, by_backend["numpyro"], seed, settings)
             if not args.no_swap:
                 swap_starts(pyro_fit, numpyro_fit)
