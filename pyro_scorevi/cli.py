@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -98,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="lambda_s, the weight of the scale part of the KL (default: the problem's, "
         "else --prox-weight)",
+    )
+    c.add_argument(
+        "--rule",
+        default=None,
+        metavar="JSON",
+        help="AdaptiveStep keyword arguments for ScoreProximalSVI in both backends, as JSON, "
+        "e.g. '{\"max_variance_ratio\": 5}' (default: the library's default rule)",
     )
     c.add_argument("--lr", type=float, default=None, help="Adam lr of the ELBO baseline (1e-2)")
     c.add_argument(
@@ -228,6 +236,8 @@ def _check_args(args: argparse.Namespace) -> None:
     ):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UserError(f"{flag} must be a positive number (got {value}).")
+    if args.rule is not None:
+        args.rule = _step_rule_kwargs(args)
     _check_methods(args)
     if args.ivon_lr is not None:
         bad = [v for v in args.ivon_lr if not (math.isfinite(v) and v > 0)]
@@ -253,6 +263,33 @@ def _check_args(args: argparse.Namespace) -> None:
                 f'imported ({why}). Install them with: pip install "pyro_scorevi[numpyro]"'
             )
     _check_out_dir(args.out)
+
+
+def _step_rule_kwargs(args: argparse.Namespace) -> dict:
+    """``--rule`` parsed and checked: a JSON object of ``AdaptiveStep`` keyword arguments."""
+    from pyro_scorevi import AdaptiveStep
+
+    if args.prox_weight is not None or args.scale_prox_weight is not None:
+        raise UserError(
+            "--rule sets the adaptive rule, --prox-weight / --scale-prox-weight the fixed "
+            "weight: pass one of them."
+        )
+    try:
+        rule = json.loads(args.rule)
+    except json.JSONDecodeError as error:
+        raise UserError(
+            f"--rule must be a JSON object of AdaptiveStep keyword arguments (got {args.rule!r}: "
+            f"{error}); e.g. --rule '{{\"max_variance_ratio\": 5}}'."
+        ) from None
+    if not isinstance(rule, dict):
+        raise UserError(
+            f"--rule must be a JSON object of AdaptiveStep keyword arguments (got {args.rule!r})."
+        )
+    try:
+        AdaptiveStep(**rule)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"--rule {args.rule}: {error}") from None
+    return rule
 
 
 def _check_methods(args: argparse.Namespace) -> None:
@@ -379,6 +416,7 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
         ivon_lr=None if args.ivon_lr is None else tuple(args.ivon_lr),
         ivon_hess_init=args.ivon_hess_init,
         score_batch_size=args.score_batch_size,
+        step_rule=args.rule,
     )
     backends = ("pyro", "numpyro") if args.numpyro else ("pyro",)
     started = time.perf_counter()

@@ -58,6 +58,11 @@ def test_list_names_every_problem(capsys):
         (["--ivon-hess-init", "-1"], "--ivon-hess-init must be a positive number"),
         (["--score-batch-size", "0"], "--score-batch-size must be >= 1"),
         (["-p", "digits-mlp", "--methods", "gsm,bam"], "no method of --methods gsm,bam applies"),
+        (["--rule", "x"], "--rule must be a JSON object of AdaptiveStep keyword arguments"),
+        (["--rule", "[1]"], "--rule must be a JSON object"),
+        (["--rule", '{"nope": 1}'], "unexpected keyword argument 'nope'"),
+        (["--rule", '{"max_variance_ratio": 0.5}'], "max_variance_ratio must satisfy"),
+        (["--rule", "{}", "--prox-weight", "3"], "pass one of them"),
     ],
 )
 def test_bad_input_is_one_message_and_exit_2(argv, message, capsys, tmp_path):
@@ -180,3 +185,26 @@ def test_python_dash_m_bad_problem_exits_2_without_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "unknown problem 'bogus'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_rule_option_reaches_both_backends_fits(tmp_path, capsys):
+    """``--rule`` builds ``AdaptiveStep(**rule)`` for ScoreProximalSVI in both backends and is
+    recorded in results.json."""
+    pytest.importorskip("numpyro")
+    from pyro_scorevi import AdaptiveStep
+    from pyro_scorevi.compare.problems import get_problem
+    from pyro_scorevi.compare.runner import Settings, _score_proximal_options
+
+    rule = {"max_variance_ratio": 5.0, "variance_ratio_memory": 1.0}
+    options = _score_proximal_options(get_problem("gaussian"), Settings(step_rule=rule))
+    assert options["step_rule"] == AdaptiveStep(**rule)
+    assert "step_rule" not in _score_proximal_options(get_problem("gaussian"), Settings())
+    out = tmp_path / "o"
+    argv = ["-p", "gaussian", "--methods", "scoreprox", "--numpyro", "--grad-evals", "4"]
+    argv += ["--seeds", "1", "--eval-samples", "4", "--no-plots", "--no-progress"]
+    argv += ["--rule", json.dumps(rule), "--out", str(out)]
+    code, stdout, err = _run_main(argv, capsys)
+    assert code == 0, err
+    data = json.loads((out / "results.json").read_text())
+    assert data["problems"]["gaussian"]["settings"]["step_rule"] == rule
+    assert "Pyro ScoreProximalSVI" in stdout and "NumPyro ScoreProximalSVI" in stdout

@@ -163,6 +163,8 @@ class Settings:
         ivon_hess_init: IVON's initial Hessian ``hess_init`` (the package default, 1).
         score_batch_size: ``B``, draws (gradient evaluations) per GSM/BaM iteration
             (``None``: :data:`FULL_RANK_BATCH`, 2 for GSM and 5 for BaM).
+        step_rule: keyword arguments of :class:`~pyro_scorevi.AdaptiveStep` for
+            ``ScoreProximalSVI`` in both backends (``None``: the library's default rule).
     """
 
     num_particles: int = 2
@@ -175,6 +177,7 @@ class Settings:
     ivon_lr: tuple[float, ...] | None = None
     ivon_hess_init: float = 1.0
     score_batch_size: int | None = None
+    step_rule: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -314,7 +317,10 @@ class _PyroFit:
             self.svi = SVI(self.model, self.guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO(s))
         else:
             self.svi = pyro_scorevi.ScoreProximalSVI(
-                self.model, self.guide, num_particles=s, **_proximal_weights(problem, settings)
+                self.model,
+                self.guide,
+                num_particles=s,
+                **_score_proximal_options(problem, settings),
             )
 
     def step(self) -> float:
@@ -330,6 +336,16 @@ class _PyroFit:
                 loc[name] = m.detach().double().numpy().copy()
                 scale[name] = s.detach().double().numpy().copy()
         return loc, scale
+
+
+def _score_proximal_options(problem: Problem, settings: Settings) -> dict[str, Any]:
+    """The keyword arguments of either backend's ``ScoreProximalSVI``."""
+    options: dict[str, Any] = _proximal_weights(problem, settings)
+    if settings.step_rule is not None:
+        from pyro_scorevi import AdaptiveStep
+
+        options["step_rule"] = AdaptiveStep(**settings.step_rule)
+    return options
 
 
 def _proximal_weights(problem: Problem, settings: Settings) -> dict[str, float | None]:
@@ -513,7 +529,7 @@ class _NumPyroFit:
             from pyro_scorevi.numpyro import ScoreProximalSVI
 
             svi = ScoreProximalSVI(
-                model, guide, num_particles=s, **_proximal_weights(problem, settings)
+                model, guide, num_particles=s, **_score_proximal_options(problem, settings)
             )
         self.svi = svi
         self.state = svi.init(jax.random.PRNGKey(seed))
