@@ -11,8 +11,8 @@ the other networks, NumPyro only: ``network_start_sweep.py`` beside this file.
 
     OMP_NUM_THREADS=1 python benchmarks/experiments/vit_init_swap.py --seeds 0,1,2,3,4,5
 
-``--rule JSON`` fits the Pyro guides only, under ``AdaptiveStep(**json.loads(JSON))`` (the same
-rule on NumPyro: ``network_start_sweep.py``).
+``--rule JSON`` fits both backends under ``AdaptiveStep(**json.loads(JSON))`` (the
+comparison's ``Settings.step_rule``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import pyro
 import torch
 from network_start_sweep import with_initial_means
 
-from pyro_scorevi import AdaptiveStep, ScoreProximalSVI
 from pyro_scorevi.compare.problems import get_problem
 from pyro_scorevi.compare.runner import Settings, _NumPyroFit, _PyroFit, select_methods
 
@@ -58,26 +57,17 @@ def main() -> None:
     parser.add_argument(
         "--no-swap", action="store_true", help="each from its own start (the comparison's fits)"
     )
-    parser.add_argument("--rule", help="AdaptiveStep keyword arguments, JSON: Pyro fits only")
+    parser.add_argument("--rule", help="AdaptiveStep keyword arguments, JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    problem, settings = get_problem("digits-vit"), Settings()
+    problem = get_problem("digits-vit")
+    settings = Settings(step_rule=json.loads(args.rule) if args.rule else None)
     methods, _ = select_methods(problem, ["scoreprox"], ("pyro", "numpyro"), settings)
     by_backend = {m.backend: m for m in methods}
     start = "its own start" if args.no_swap else "the other backend's start"
     for seed in (int(s) for s in args.seeds.split(",")):
         with pyro.get_param_store().scope():
             pyro_fit = _PyroFit(problem, by_backend["pyro"], seed, settings)
-            if args.rule:  # the same guide and start, another rule
-                rule = AdaptiveStep(**json.loads(args.rule))
-                pyro_fit.svi = ScoreProximalSVI(pyro_fit.model, pyro_fit.guide, step_rule=rule)
-                p, tp = fit_figures(problem, pyro_fit, args.steps, seed)
-                print(
-                    f"seed {seed}, Pyro from its own start, rule {args.rule}: NLL "
-                    f"{p['nll']:.3f}, accuracy {p['accuracy']:.3f} ({tp:.0f} s)",
-                    flush=True,
-                )
-                continue
             numpyro_fit = _NumPyroFit(problem, by_backend["numpyro"], seed, settings)
             if not args.no_swap:
                 swap_starts(pyro_fit, numpyro_fit)
