@@ -17,10 +17,26 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.infer import MCMC, NUTS, SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 
+from pyro_scorevi import AdaptiveStep
 from pyro_scorevi.numpyro import ScoreProximalSVI
 
 STEPS, SEEDS, NQ = 1500, (0, 1, 2), 4000
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+OUT = os.environ.get("UNSEEN_OUT") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "results"
+)
+#: A candidate rule: ``UNSEEN_RULE`` holds a JSON object of ``AdaptiveStep`` fields for the
+#: ScoreProximalSVI fits (both runners), ``UNSEEN_METHODS`` the methods to fit ("elbo,ours"),
+#: ``UNSEEN_OUT`` the results directory (e.g. ``UNSEEN_RULE='{"scale_to_mean_rate": 0.25}'
+#: UNSEEN_METHODS=ours UNSEEN_OUT=/tmp/u python run_model.py``).
+RULE = json.loads(os.environ.get("UNSEEN_RULE", "{}"))
+METHODS = tuple(os.environ.get("UNSEEN_METHODS", "elbo,ours").split(","))
+
+
+def scoreprox_options():
+    """``ScoreProximalSVI``'s options under ``UNSEEN_RULE`` (none: its defaults)."""
+    return {"step_rule": AdaptiveStep(**RULE)} if RULE else {}
+
+
 os.makedirs(OUT, exist_ok=True)
 
 
@@ -115,14 +131,14 @@ def run(name):
     )
 
     big_elbo = Trace_ELBO(num_particles=2000)
-    for meth in ("elbo", "ours"):
+    for meth in METHODS:
         res[meth] = []
         for seed in SEEDS:
             guide = AutoNormal(model)
             if meth == "elbo":
                 svi = SVI(model, guide, numpyro.optim.Adam(0.01), Trace_ELBO(num_particles=2))
             else:
-                svi = ScoreProximalSVI(model, guide)
+                svi = ScoreProximalSVI(model, guide, **scoreprox_options())
             h = ListHandler()
             logging.getLogger().addHandler(h)
             logging.getLogger().setLevel(logging.WARNING)

@@ -32,7 +32,7 @@ from pyro_scorevi import ScoreProximalSVI
 
 STEPS, SEEDS, NQ, ELBO_DRAWS = 1500, (0, 1, 2), 4000, 500
 HERE = os.path.dirname(os.path.abspath(__file__))
-OUT = os.path.join(HERE, "results")
+OUT = os.environ.get("UNSEEN_OUT") or os.path.join(HERE, "results")
 CACHE = os.environ.get(
     "NUTS_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), "nuts_ref")
 )
@@ -78,7 +78,7 @@ def guide_draws(guide, num):
 def make_svi(meth, model, guide):
     if meth == "elbo":
         return SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO(num_particles=2))
-    return ScoreProximalSVI(model, guide)
+    return ScoreProximalSVI(model, guide, **np_runner.scoreprox_options())
 
 
 def fit(meth, seed, model, args, tfs, ref_mean, ref_sd):
@@ -135,7 +135,7 @@ def run(name):
         f"steps~{ref['nuts_mean_num_steps']:.0f} ({ref['nuts_time']:.0f}s)",
         flush=True,
     )
-    for meth in ("elbo", "ours"):
+    for meth in np_runner.METHODS:
         res[meth] = []
         for seed in SEEDS:
             rec = fit(meth, seed, model, args, tfs, ref_mean, ref_sd)
