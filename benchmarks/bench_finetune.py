@@ -73,7 +73,10 @@ def finetune(problem, method, init_scale, map_values, seed, checkpoints):
     model, args, kwargs = problem.pyro_model_and_args()
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    guide = AutoNormal(model, init_loc_fn=init_to_value(values=map_values), init_scale=init_scale)
+    # Clones: AutoNormal's locs share storage with init_to_value's tensors (Pyro's behaviour,
+    # under SVI too), so a fit would otherwise move the next fit's start.
+    start = {k: v.clone() for k, v in map_values.items()}
+    guide = AutoNormal(model, init_loc_fn=init_to_value(values=start), init_scale=init_scale)
     guide(*args, **kwargs)
     if method == "ScoreProximalSVI":
         svi = ScoreProximalSVI(model, guide, num_particles=PARTICLES)
