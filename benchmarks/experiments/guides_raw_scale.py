@@ -16,6 +16,13 @@ from __future__ import annotations
 import numpy as np
 
 STEPS = 1500
+#: The Gaussian autoguides both backends have, by name.
+GUIDES = (
+    "AutoNormal",
+    "AutoDiagonalNormal",
+    "AutoMultivariateNormal",
+    "AutoLowRankMultivariateNormal",
+)
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal(200).astype(np.float32)
 Y = (1000 * (1.0 + 2.0 * X + 0.5 * RNG.standard_normal(200))).astype(np.float32)
@@ -39,12 +46,7 @@ def pyro_rows():
         with pyro.plate("data", len(x)):
             pyro.sample("y", dist.Normal(a + b * x, s), obs=y)
 
-    for guide_cls in (
-        ag.AutoNormal,
-        ag.AutoDiagonalNormal,
-        ag.AutoMultivariateNormal,
-        ag.AutoLowRankMultivariateNormal,
-    ):
+    for guide_cls in (getattr(ag, name) for name in GUIDES):
         for method in ("ScoreProximalSVI", "Trace_ELBO"):
             pyro.clear_param_store()
             pyro.set_rng_seed(0)
@@ -74,12 +76,7 @@ def numpyro_rows():
         with numpyro.plate("data", len(x)):
             numpyro.sample("y", dist.Normal(a + b * x, s), obs=y)
 
-    for guide_cls in (
-        ag.AutoNormal,
-        ag.AutoDiagonalNormal,
-        ag.AutoMultivariateNormal,
-        ag.AutoLowRankMultivariateNormal,
-    ):
+    for guide_cls in (getattr(ag, name) for name in GUIDES):
         for method in ("ScoreProximalSVI", "Trace_ELBO"):
             guide = guide_cls(model)
             if method == "Trace_ELBO":
